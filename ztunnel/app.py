@@ -1,0 +1,243 @@
+"""ztunnel/app: builds the node proxy's components and runs them in one nursery.
+
+Task tree:
+    run
+    ├── signal handler (SIGTERM/SIGINT start the drain)
+    ├── state file watcher (the single writer of the StateStore until xDS feeds it)
+    ├── certificate manager (renews local workloads' certificates at half life)
+    ├── HBONE pool (client connections to peer ztunnels)
+    ├── policy watcher (closes open connections a new policy denies)
+    ├── metrics :15020, readiness :15021, admin :15000 (loopback)
+    └── proxies, under the drain: outbound :15001, SOCKS5 :15080, plaintext inbound :15006,
+        and HBONE inbound :15008 on every local workload IP (re-bound as workloads change)
+
+Readiness waits for the state, the local workloads' certificates and the listeners.
+Draining stops the listeners, sends GOAWAY on inbound HBONE connections, gives open
+connections `drainSeconds` to finish, then cancels what is left and exits.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import prometheus_client
+import trio
+
+from meshcore import netio
+from meshcore.admin import Readiness, admin_routes, metrics_routes, readiness_routes, serve_http
+from meshcore.drain import Drain, install_signal_handlers
+from meshcore.hbone.pool import HbonePool
+from meshcore.identity.ca import CertificateAuthority
+from meshcore.identity.manager import CertificateManager, LocalCaProvider
+from meshcore.log import get_logger
+from meshcore.metrics import new_registry
+from ztunnel.config import ConfigError, ZtunnelConfig
+from ztunnel.metrics import ZtunnelMetrics
+from ztunnel.proxy.connections import ConnectionManager
+from ztunnel.proxy.inbound import InboundHbone, InboundPlaintext
+from ztunnel.proxy.inputs import ProxyInputs
+from ztunnel.proxy.outbound import Outbound
+from ztunnel.proxy.socks5 import Socks5
+from ztunnel.state.localconfig import LocalConfigError, load_local_config
+from ztunnel.state.store import StateStore
+
+_log = get_logger("ztunnel")
+
+STATE_POLL_INTERVAL = 1.0
+
+
+def load_ca(config: ZtunnelConfig) -> CertificateAuthority:
+    try:
+        cert_pem = config.ca_cert_path.read_bytes()
+        key_pem = config.ca_key_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"ca: cannot read {exc.filename}: {exc.strerror}") from exc
+    try:
+        return CertificateAuthority.load(cert_pem, key_pem, trust_domain=config.trust_domain)
+    except ValueError as exc:
+        raise ConfigError(f"ca: {config.ca_cert_path} / {config.ca_key_path}: {exc}") from exc
+
+
+def usable_mark() -> int | None:
+    """SO_MARK needs CAP_NET_ADMIN; without it capture rules cannot tell our sockets apart."""
+    probe = socket.socket()
+    try:
+        netio.set_mark(probe, netio.MESH_MARK)
+        return netio.MESH_MARK
+    except PermissionError:
+        _log.warning("cannot set SO_MARK (needs CAP_NET_ADMIN); traffic capture rules cannot skip ztunnel's own sockets")
+        return None
+    finally:
+        probe.close()
+
+
+class Ztunnel:
+    def __init__(self, config: ZtunnelConfig) -> None:
+        self.config = config
+        self.registry = new_registry()
+        self.drain = Drain(grace=config.drain_seconds)
+        self.readiness = Readiness(pending=("state", "certificates", "proxy"))
+        self.state = StateStore()
+        self.certificates = CertificateManager(LocalCaProvider(load_ca(config)))
+        self.config_rejections = prometheus_client.Counter(
+            "ztunnel_local_config_rejections",
+            "Times the local state file was rejected (the last good state keeps serving)",
+            registry=self.registry,
+        )
+        outbound_dial = None
+        self.inputs = ProxyInputs(
+            config=config,
+            state=self.state,
+            certificates=self.certificates,
+            metrics=ZtunnelMetrics(self.registry),
+            pool=HbonePool(lambda key: outbound_dial(key)),
+            connections=ConnectionManager(self.state),
+            drain=self.drain,
+            rng=random.Random(),
+            mark=usable_mark(),
+        )
+        self.outbound = Outbound(self.inputs)
+        outbound_dial = self.outbound.dial
+        self.inbound = InboundHbone(self.inputs)
+        self.plaintext = InboundPlaintext(self.inputs)
+        self.socks5 = Socks5(self.outbound)
+        self._state_mtime: float | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        self._load_state(initial=True)
+        self.readiness.mark_ready("state")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(install_signal_handlers, self.drain)
+            nursery.start_soon(self._watch_state_file)
+            await nursery.start(self.certificates.run)
+            await nursery.start(self.inputs.pool.run)
+            nursery.start_soon(self.inputs.connections.watch_policies)
+            for port, routes, host in (
+                (config.ports.metrics, metrics_routes(self.registry), config.address),
+                (config.ports.readiness, readiness_routes(self.readiness), config.address),
+                (config.ports.admin, admin_routes(self.config_dump, self.drain), config.address),
+            ):
+                if port:
+                    await nursery.start(serve_http, (host, port), routes)
+            nursery.start_soon(self._prefetch_certificates)
+            await nursery.start(self._run_proxies)
+            self.readiness.mark_ready("proxy")
+            _log.info("ztunnel ready", node=config.node, address=config.address)
+            task_status.started()
+            await self._proxies_done.wait()
+            nursery.cancel_scope.cancel()
+        _log.info("ztunnel stopped")
+
+    async def _run_proxies(self, *, task_status: trio.TaskStatus[None]) -> None:
+        self._proxies_done = trio.Event()
+        config, mark = self.config, self.inputs.mark
+        listeners: list[tuple[Any, socket.socket]] = []
+        try:
+            for port, server, transparent in (
+                (config.ports.outbound, self.outbound, False),
+                (config.ports.socks5, self.socks5, False),
+                (config.ports.inbound_plaintext, self.plaintext, False),
+            ):
+                if port:
+                    listeners.append((server, netio.listen((config.address, port), mark=mark, transparent=transparent)))
+
+            async def accept_loops(connections: trio.Nursery) -> None:
+                async with trio.open_nursery() as loops:
+                    for server, listener in listeners:
+                        loops.start_soon(server.serve_listener, listener, connections)
+                    if config.ports.inbound:
+                        await loops.start(self._inbound_listeners, connections)
+                    task_status.started()
+
+            await self.drain.run_until_drained(accept_loops)
+        finally:
+            for _, listener in listeners:
+                netio.close(listener)
+            self._proxies_done.set()
+
+    async def _inbound_listeners(self, connections: trio.Nursery, *, task_status: trio.TaskStatus[None]) -> None:
+        """Keep one HBONE listener on each local workload IP, following state changes."""
+        config = self.config
+        bound: dict[str, trio.CancelScope] = {}
+        async with trio.open_nursery() as nursery:
+            state = self.state.current
+            while True:
+                wanted = {str(a) for w in state.local_workloads(config.node) for a in w.addresses}
+                for ip in sorted(wanted - bound.keys()):
+                    try:
+                        listener = netio.listen((ip, config.ports.inbound), mark=self.inputs.mark)
+                    except OSError as exc:
+                        _log.error("cannot listen for HBONE", address=f"{ip}:{config.ports.inbound}", error=str(exc))
+                        continue
+                    bound[ip] = trio.CancelScope()
+                    nursery.start_soon(self._serve_inbound, listener, bound[ip], connections)
+                for ip in bound.keys() - wanted:
+                    bound.pop(ip).cancel()
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                state = await self.state.wait_for_change(state.version)
+
+    async def _serve_inbound(self, listener: socket.socket, scope: trio.CancelScope, connections: trio.Nursery) -> None:
+        try:
+            with scope:
+                await self.inbound.serve_listener(listener, connections)
+        finally:
+            netio.close(listener)
+
+    async def _prefetch_certificates(self) -> None:
+        """Fetch every local workload's certificate before declaring readiness (ztunnel's warm-up)."""
+        identities = {w.identity for w in self.state.current.local_workloads(self.config.node)}
+        async with trio.open_nursery() as nursery:
+            for identity in identities:
+                nursery.start_soon(self.certificates.get, identity)
+        self.readiness.mark_ready("certificates")
+
+    def _load_state(self, *, initial: bool = False) -> None:
+        path: Path = self.config.state_path
+        try:
+            mtime = path.stat().st_mtime
+            if mtime == self._state_mtime:
+                return
+            self._state_mtime = mtime
+            self.state.replace(load_local_config(path))
+        except (OSError, LocalConfigError) as exc:
+            if initial:
+                raise ConfigError(str(exc)) from exc
+            self.config_rejections.inc()
+            _log.error("state file rejected; the last good state keeps serving", path=str(path), error=str(exc))
+            return
+        _log.info("state loaded", path=str(path), version=self.state.current.version)
+
+    async def _watch_state_file(self) -> None:
+        while True:
+            await trio.sleep(STATE_POLL_INTERVAL)
+            self._load_state()
+
+    def config_dump(self) -> dict[str, Any]:
+        dump = self.state.current.to_json()
+        dump["certificates"] = [
+            {
+                "identity": cert.identity.uri,
+                "notBefore": cert.not_before.isoformat(),
+                "notAfter": cert.not_after.isoformat(),
+                "refreshAt": cert.refresh_at.isoformat(),
+            }
+            for cert in self.certificates.cached()
+        ]
+        dump["config"] = {
+            "node": self.config.node,
+            "address": self.config.address,
+            "trustDomain": self.config.trust_domain,
+            "ports": {
+                "outbound": self.config.ports.outbound,
+                "inboundPlaintext": self.config.ports.inbound_plaintext,
+                "inbound": self.config.ports.inbound,
+                "socks5": self.config.ports.socks5,
+            },
+        }
+        dump["connections"] = {"inbound": len(self.inputs.connections), "pooled": self.inputs.pool.connection_count()}
+        return dump
