@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Awaitable
 
 
 import trio
@@ -53,6 +54,25 @@ async def wait_writable(sock: socket.socket) -> None:
     if sock.fileno() < 0:
         raise trio.ClosedResourceError("socket was closed")
     await trio.lowlevel.wait_writable(sock)
+
+
+async def run_both(first: Awaitable[None], second: Awaitable[None]) -> None:
+    """Run two copy directions together; the first I/O failure cancels the other and is
+    raised as itself (not wrapped in an ExceptionGroup), so callers can map it to an error."""
+    failures: list[BaseException] = []
+
+    async def guarded(direction: Awaitable[None], scope: trio.CancelScope) -> None:
+        try:
+            await direction
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            failures.append(exc)
+            scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guarded, first, nursery.cancel_scope)
+        await guarded(second, nursery.cancel_scope)
+    if failures:
+        raise failures[0]
 
 
 def set_mark(sock: socket.socket, mark: int) -> None:

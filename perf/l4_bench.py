@@ -38,7 +38,6 @@ from meshcore.testing.envoy import (  # noqa: E402
     hbone_server_bootstrap,
 )
 from meshcore.testing.procs import (  # noqa: E402
-    ManagedProcess,
     ProcessError,
     cpu_seconds,
     start_process,
@@ -359,7 +358,10 @@ def with_ratios(results: list[PathResult]) -> list[dict[str, object]]:
     envoy = next(result for result in results if result.path == "envoy")
     rows = []
     for result in results:
-        row: dict[str, object] = asdict(result)
+        row: dict[str, object] = {
+            key: round(value, 3) if isinstance(value, float) else value
+            for key, value in asdict(result).items()
+        }
         row["rps_c1_x_envoy"] = round(result.rps_c1 / envoy.rps_c1, 3)
         row["rps_c32_x_envoy"] = round(result.rps_c32 / envoy.rps_c32, 3)
         row["bulk_x_envoy"] = round(result.bulk_mb_s / envoy.bulk_mb_s, 3)
@@ -372,25 +374,32 @@ def with_ratios(results: list[PathResult]) -> list[dict[str, object]]:
     return rows
 
 
+_TABLE_COLUMNS = (
+    # (heading, row key, format)
+    ("rps c1", "rps_c1", ",.0f"),
+    ("rps c32", "rps_c32", ",.0f"),
+    ("p50 c1 ms", "p50_ms_c1", ".3f"),
+    ("p99 c32 ms", "p99_ms_c32", ".2f"),
+    ("bulk MB/s", "bulk_mb_s", ",.0f"),
+    ("CPU us/req", "cpu_us_per_req", ".1f"),
+    ("c1 xEnv", "rps_c1_x_envoy", ".2f"),
+    ("c32 xEnv", "rps_c32_x_envoy", ".2f"),
+    ("bulk xEnv", "bulk_x_envoy", ".2f"),
+    ("CPU xEnv", "cpu_x_envoy", ".2f"),
+)
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
-    header = (
-        f"{'path':<8} {'rps c1':>9} {'rps c32':>9} {'p50 c1':>8} {'p99 c32':>8} "
-        f"{'bulk':>7} {'CPU/req':>8} | {'c1 rps':>6} {'c32 rps':>7} {'bulk':>5} {'CPU':>5}"
-    )
-    print(f"{'':<8} {'':>9} {'':>9} {'ms':>8} {'ms':>8} {'MB/s':>7} {'us':>8} | x Envoy")
-    print(header)
+    print(f"{'path':<8}" + "".join(f"{heading:>12}" for heading, _, _ in _TABLE_COLUMNS))
     for row in rows:
-        cpu = "-" if row["cpu_us_per_req"] is None else f"{row['cpu_us_per_req']:.1f}"
-        cpu_ratio = "-" if row["cpu_x_envoy"] is None else f"{row['cpu_x_envoy']:.2f}"
-        print(
-            f"{row['path']:<8} {row['rps_c1']:>9,.0f} {row['rps_c32']:>9,.0f} "
-            f"{row['p50_ms_c1']:>8.3f} {row['p99_ms_c32']:>8.2f} {row['bulk_mb_s']:>7.0f} "
-            f"{cpu:>8} | {row['rps_c1_x_envoy']:>6.2f} {row['rps_c32_x_envoy']:>7.2f} "
-            f"{row['bulk_x_envoy']:>5.2f} {cpu_ratio:>5}"
+        cells = (
+            "-" if row[key] is None else format(row[key], spec) for _, key, spec in _TABLE_COLUMNS
         )
+        print(f"{row['path']:<8}" + "".join(f"{cell:>12}" for cell in cells))
+    print("xEnv = this path / the Envoy path (for CPU, above 1 means more CPU than Envoy)")
     errors = {row["path"]: row["errors"] for row in rows if row["errors"]}
     if errors:
-        print(f"warning: wrk reported errors (socket errors or non-2xx): {errors}")
+        print(f"warning: wrk reported socket errors or non-2xx responses: {errors}")
 
 
 def missing_tools() -> list[str]:

@@ -226,7 +226,10 @@ class Ztunnel:
                 "notAfter": cert.not_after.isoformat(),
                 "refreshAt": cert.refresh_at.isoformat(),
             }
-            for cert in self.certificates.cached()
+            for cert in sorted(
+                filter(None, map(self.certificates.get_nowait, {w.identity for w in self.state.current.local_workloads(self.config.node)})),
+                key=lambda c: c.identity.uri,
+            )
         ]
         dump["config"] = {
             "node": self.config.node,

@@ -496,9 +496,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
         Raises trio.BrokenResourceError if the tunnel was reset, OSError if the socket failed.
         """
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._socket_to_tunnel, sock)
-            await self._tunnel_to_socket(sock)
+        await netio.run_both(self._socket_to_tunnel(sock), self._tunnel_to_socket(sock))
 
     async def _socket_to_tunnel(self, sock: socket.socket) -> None:
         buf = bytearray(netio.READ_SIZE)

@@ -100,9 +100,13 @@ class CertificateAuthority:
                 ),
                 critical=True,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(SCHEME + trust_domain)]),
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(SCHEME + trust_domain)]
+                ),
                 critical=False,
             )
             .sign(key, hashes.SHA256())
@@ -135,7 +139,11 @@ class CertificateAuthority:
         roots = [c for c in extra if is_self_signed(c)]
         if is_self_signed(cert):
             return cls(
-                trust_domain=trust_domain, cert=cert, key=key, intermediates=(), roots=(cert, *roots)
+                trust_domain=trust_domain,
+                cert=cert,
+                key=key,
+                intermediates=(),
+                roots=(cert, *roots),
             )
         candidates = [c for c in extra if c not in roots]
         intermediates: list[x509.Certificate] = []
@@ -177,14 +185,20 @@ class CertificateAuthority:
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except (ValueError, TypeError) as exc:
-            raise CsrError(f"CSR for {identity} is not a PEM certificate signing request: {exc}") from None
+            raise CsrError(
+                f"CSR for {identity} is not a PEM certificate signing request: {exc}"
+            ) from None
         try:
             signature_ok = csr.is_signature_valid
             public_key = csr.public_key()
         except (ValueError, UnsupportedAlgorithm) as exc:
-            raise CsrError(f"CSR for {identity} uses an unsupported key or algorithm: {exc}") from None
+            raise CsrError(
+                f"CSR for {identity} uses an unsupported key or algorithm: {exc}"
+            ) from None
         if not signature_ok:
-            raise CsrError(f"CSR for {identity} has an invalid signature: the requester does not hold its key")
+            raise CsrError(
+                f"CSR for {identity} has an invalid signature: the requester does not hold its key"
+            )
         if identity.trust_domain != self.trust_domain:
             raise CsrError(
                 f"identity {identity} is outside this CA's trust domain {self.trust_domain!r}"
@@ -197,7 +211,11 @@ class CertificateAuthority:
         ca_expiry = self._cert.not_valid_after_utc
         if ca_expiry <= now:
             raise CsrError(f"cannot sign for {identity}: the CA certificate expired at {ca_expiry}")
-        start, end = (now - CLOCK_SKEW_ALLOWANCE, now + ttl) if not_before is None else (not_before, not_before + ttl)
+        start, end = (
+            (now - CLOCK_SKEW_ALLOWANCE, now + ttl)
+            if not_before is None
+            else (not_before, not_before + ttl)
+        )
         end = min(end, ca_expiry)
         if end <= start:
             raise CsrError(f"cannot sign for {identity}: validity would end before it starts")
@@ -218,7 +236,9 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(key_usage, critical=True)
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
                 critical=False,
             )
             .add_extension(_authority_key_id(self._cert), critical=False)
@@ -246,7 +266,8 @@ def generate_key_and_csr(identity: Identity) -> tuple[bytes, bytes]:
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([]))
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=True
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+            critical=True,
         )
         .sign(key, hashes.SHA256())
     )
@@ -281,7 +302,8 @@ def _leaf_key_usage(public_key: object, identity: Identity) -> x509.KeyUsage:
         key_encipherment = False
     else:
         raise CsrError(
-            f"CSR for {identity} has an unsupported {type(public_key).__name__}: use ECDSA, RSA or EdDSA"
+            f"CSR for {identity} has an unsupported {type(public_key).__name__}: "
+            "use ECDSA, RSA or EdDSA"
         )
     return x509.KeyUsage(
         digital_signature=True,

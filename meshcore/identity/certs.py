@@ -9,6 +9,7 @@ ending at one of the roots.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -90,7 +91,9 @@ class WorkloadCertificate:
         self-signed last certificate is moved to the roots). Each element may hold one or
         more PEM blocks.
         """
-        certs = [c for i, pem in enumerate(chain) for c in load_pem_certificates(pem, f"chain[{i}]")]
+        certs = [
+            c for i, pem in enumerate(chain) for c in load_pem_certificates(pem, f"chain[{i}]")
+        ]
         trusted = [
             c for i, pem in enumerate(roots) for c in load_pem_certificates(pem, f"roots[{i}]")
         ]
@@ -108,7 +111,7 @@ class WorkloadCertificate:
         key = load_pem_private_key(key_pem, f"private key for {identity}")
         if public_key_der(key) != public_key_der(leaf):
             raise CertificateError(f"private key does not match the leaf certificate of {identity}")
-        for position, (cert, issuer) in enumerate(zip(certs, certs[1:])):
+        for position, (cert, issuer) in enumerate(itertools.pairwise(certs)):
             if not is_issued_by(cert, issuer):
                 raise CertificateError(
                     f"certificate chain of {identity} is broken: chain[{position}] "

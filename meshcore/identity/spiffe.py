@@ -29,7 +29,8 @@ def check_trust_domain(trust_domain: str) -> str:
     """Return `trust_domain` unchanged if it is a valid SPIFFE trust domain, else raise."""
     if not isinstance(trust_domain, str) or not _TRUST_DOMAIN.fullmatch(trust_domain):
         raise InvalidIdentity(
-            f"trust domain {trust_domain!r} is invalid: expected lower-case letters, digits, '.', '-' or '_'"
+            f"trust domain {trust_domain!r} is invalid: "
+            "expected lower-case letters, digits, '.', '-' or '_'"
         )
     return trust_domain
 
@@ -37,7 +38,8 @@ def check_trust_domain(trust_domain: str) -> str:
 def _check_segment(field: str, value: str) -> None:
     if not isinstance(value, str) or not _PATH_SEGMENT.fullmatch(value) or value in (".", ".."):
         raise InvalidIdentity(
-            f"{field} {value!r} is invalid: expected a non-empty name of letters, digits, '.', '-' or '_'"
+            f"{field} {value!r} is invalid: "
+            "expected a non-empty name of letters, digits, '.', '-' or '_'"
         )
 
 

@@ -98,6 +98,9 @@ def start_process(
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
                 env=None if env is None else dict(env),
+                # Out of the terminal's process group: Ctrl-C reaches only the caller, which
+                # then stops its children in order instead of having them die under it.
+                start_new_session=True,
             )
         except OSError as exc:
             raise ProcessError(f"{name}: cannot start {argv[0]}: {exc}") from exc

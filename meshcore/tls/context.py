@@ -126,7 +126,8 @@ _H2_PROTOCOL = _ffi.new("unsigned char[]", ALPN_H2)
 
 @_ffi.callback(
     "int (*)(SSL *, const unsigned char **, unsigned char *, const unsigned char *, "
-    "unsigned int, void *)"
+    "unsigned int, void *)",
+    error=_lib.SSL_TLSEXT_ERR_ALERT_FATAL,
 )
 def _select_h2(ssl, out, outlen, offered, offered_len, arg):  # type: ignore[no-untyped-def]
     wire = _ffi.buffer(offered, offered_len)[:]
@@ -159,6 +160,8 @@ def _peer_identities(conn: SSL.Connection) -> list[Identity]:
 
 
 def _names(identities: Collection[Identity]) -> str:
-    return "[" + ", ".join(str(i) for i in identities) + "]" if len(identities) != 1 else str(
-        next(iter(identities))
+    return (
+        "[" + ", ".join(str(i) for i in identities) + "]"
+        if len(identities) != 1
+        else str(next(iter(identities)))
     )

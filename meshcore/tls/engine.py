@@ -43,7 +43,7 @@ _scratch = _Scratch()
 class TlsEngine:
     """One TLS connection's state machine. See the module docstring for the calling pattern."""
 
-    __slots__ = ("_conn", "_ssl", "_into_ssl", "_from_ssl", "_handshake_done", "_deferred_error")
+    __slots__ = ("_conn", "_deferred_error", "_from_ssl", "_handshake_done", "_into_ssl", "_ssl")
 
     def __init__(self, context: SSL.Context, *, server_side: bool) -> None:
         self._conn = SSL.Connection(context, None)  # None: memory BIOs
@@ -86,10 +86,9 @@ class TlsEngine:
 
     def receive_ciphertext(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes received from the peer."""
-        if len(data):
-            # A memory BIO grows as needed; a write can only fail on allocation failure.
-            if _lib.BIO_write(self._into_ssl, _ffi.from_buffer(data), len(data)) <= 0:
-                raise MemoryError("could not buffer received TLS bytes")
+        # A memory BIO grows as needed; a write can only fail on allocation failure.
+        if len(data) and _lib.BIO_write(self._into_ssl, _ffi.from_buffer(data), len(data)) <= 0:
+            raise MemoryError("could not buffer received TLS bytes")
 
     def read_plaintext(self, max_bytes: int = READ_SIZE) -> bytes:
         """Decrypted bytes available now, up to `max_bytes`; b"" if none yet.
@@ -110,7 +109,9 @@ class TlsEngine:
                 error = _lib.SSL_get_error(self._ssl, result)
                 if error == _lib.SSL_ERROR_WANT_READ:
                     break
-                failure = TlsClosed() if error == _lib.SSL_ERROR_ZERO_RETURN else self._failure(error)
+                failure = (
+                    TlsClosed() if error == _lib.SSL_ERROR_ZERO_RETURN else self._failure(error)
+                )
                 if total == 0:
                     raise failure
                 if not isinstance(failure, TlsClosed):  # close_notify is sticky; errors are not
@@ -146,7 +147,8 @@ class TlsEngine:
         return b"".join(chunks)
 
     def send_close_notify(self) -> None:
-        """Queue a close_notify alert (a courtesy: errors are ignored, nothing to close yet is fine)."""
+        """Queue a close_notify alert. A courtesy: errors are ignored, and before the
+        handshake there is nothing to close."""
         if not self._handshake_done:
             return
         _lib.ERR_clear_error()
@@ -158,7 +160,9 @@ class TlsEngine:
         reasons = []
         while code := _lib.ERR_get_error():
             text = _lib.ERR_reason_error_string(code)
-            reasons.append(_ffi.string(text).decode("ascii", "replace") if text else f"error {code:#x}")
+            reasons.append(
+                _ffi.string(text).decode("ascii", "replace") if text else f"error {code:#x}"
+            )
         verify_error = None
         verify_result = _lib.SSL_get_verify_result(self._ssl)
         if verify_result != 0:  # X509_V_OK

@@ -45,7 +45,9 @@ _PEER_ALERTS = {
     "certificate revoked": "peer rejected our certificate: certificate revoked",
     "unknown ca": "peer rejected our certificate: it does not chain to a root the peer trusts",
     "certificate required": "peer requires a client certificate and we sent none",
-    "no application protocol": "peer refused the handshake: no ALPN protocol in common (h2 required)",
+    "no application protocol": (
+        "peer refused the handshake: no ALPN protocol in common (h2 required)"
+    ),
     "protocol version": "peer refused the handshake: no TLS version in common (TLS 1.3 required)",
 }
 

@@ -9,11 +9,16 @@ transport. That leaves two rules to keep:
   (a sender, and a receiver answering a post-handshake message) cannot reorder records.
 - The handshake runs once, under a lock; the first send_all/receive_some (or an explicit
   do_handshake) drives it and concurrent callers wait for it.
+- A TLS 1.3 server finishes its handshake with bytes to send (session tickets) while the
+  client may already be sending rather than reading; over a transport without buffering
+  that deadlocks. Like trio's SSLStream, the server holds those bytes back and sends them
+  ahead of its next output.
 
-Errors: TLS failures raise TlsError (with `.reason` and `.response_flag`); failures of the
-transport are trio's own exceptions, passed through. Either leaves the stream broken, and
-later calls raise trio.BrokenResourceError. A transport EOF without close_notify is a
-broken stream too: TLS cannot tell it from truncation by an attacker.
+Errors: a TLS failure raises TlsStreamBroken, which is both a TlsError (`.reason`,
+`.response_flag` for logs) and a trio.BrokenResourceError (for generic stream code).
+Failures of the transport are trio's own exceptions, passed through. Either leaves the
+stream broken, and later calls raise trio.BrokenResourceError. A transport EOF without
+close_notify is a TLS failure too: TLS cannot tell it from truncation by an attacker.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from meshcore.tls.errors import TlsClosed, TlsError
 
 # Bound on how long a failing side waits to deliver its alert, so that the peer learns why.
 _ALERT_SEND_TIMEOUT = 1.0
+
+
+class TlsStreamBroken(TlsError, trio.BrokenResourceError):
+    """A TLS failure on a TlsStream (handshake refused, bad record, truncated session)."""
 
 
 class _State(enum.Enum):
@@ -61,6 +70,8 @@ class TlsStream(trio.abc.Stream):
     ) -> None:
         self.transport_stream = transport_stream
         self._engine = TlsEngine(context, server_side=server_side)
+        self._server_side = server_side
+        self._held_back = b""
         self._state = _State.OK
         self._handshake_lock = trio.Lock()
         self._transport_send_lock = trio.StrictFIFOLock()
@@ -73,7 +84,7 @@ class TlsStream(trio.abc.Stream):
         return self._engine
 
     async def do_handshake(self) -> None:
-        """Complete the handshake if no one has yet. Raises TlsError if it fails."""
+        """Complete the handshake if no one has yet. Raises TlsStreamBroken if it fails."""
         self._check_state()
         await trio.lowlevel.checkpoint()
         await self._ensure_handshake()
@@ -87,9 +98,9 @@ class TlsStream(trio.abc.Stream):
                 return
             try:
                 self._engine.write_plaintext(data)
-            except TlsError:
+            except TlsError as exc:
                 self._mark_broken()
-                raise
+                raise TlsStreamBroken(exc.reason) from None
             await self._send_pending()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -108,10 +119,10 @@ class TlsStream(trio.abc.Stream):
                     plaintext = self._engine.read_plaintext(max_bytes)
                 except TlsClosed:
                     return b""
-                except TlsError:
+                except TlsError as exc:
                     self._mark_broken()
                     await self._send_alert()
-                    raise
+                    raise TlsStreamBroken(exc.reason) from None
                 # Reading may have produced an answer (e.g. to a TLS 1.3 KeyUpdate).
                 await self._send_pending()
                 if plaintext:
@@ -144,7 +155,7 @@ class TlsStream(trio.abc.Stream):
             return
         try:
             self._engine.send_close_notify()
-            closing = self._engine.ciphertext_to_send()
+            closing = self._take_outgoing()
             try:
                 async with self._transport_send_lock:
                     await self.transport_stream.send_all(closing)
@@ -178,17 +189,29 @@ class TlsStream(trio.abc.Stream):
                 while not self._engine.do_handshake():
                     await self._send_pending()
                     await self._receive_ciphertext(during_handshake=True)
-            except TlsError:
+            except TlsStreamBroken:
+                raise
+            except TlsError as exc:
                 self._mark_broken()
                 await self._send_alert()
-                raise
+                raise TlsStreamBroken(exc.reason) from None
             except BaseException:
                 self._mark_broken()
                 raise
-            await self._send_pending()
+            if self._server_side:
+                self._held_back = self._engine.ciphertext_to_send()
+            else:
+                await self._send_pending()
+
+    def _take_outgoing(self) -> bytes:
+        """Ciphertext to send now: new engine output, preceded by any held-back bytes."""
+        ciphertext = self._engine.ciphertext_to_send()
+        if ciphertext and self._held_back:
+            ciphertext, self._held_back = self._held_back + ciphertext, b""
+        return ciphertext
 
     async def _send_pending(self) -> None:
-        ciphertext = self._engine.ciphertext_to_send()
+        ciphertext = self._take_outgoing()
         if not ciphertext:
             return
         # No await between draining and queueing on the FIFO lock: keeps records in order.
@@ -203,19 +226,21 @@ class TlsStream(trio.abc.Stream):
     async def _receive_ciphertext(self, *, during_handshake: bool = False) -> None:
         try:
             ciphertext = await self.transport_stream.receive_some(READ_SIZE)
+        except trio.Cancelled:
+            raise  # nothing was consumed: the stream is intact
         except BaseException:
             self._mark_broken()
             raise
         if not ciphertext:
             self._mark_broken()
             if during_handshake:
-                raise TlsError("peer closed the connection during the TLS handshake")
-            raise trio.BrokenResourceError("peer closed the connection without TLS close_notify")
+                raise TlsStreamBroken("peer closed the connection during the TLS handshake")
+            raise TlsStreamBroken("peer closed the connection without TLS close_notify")
         self._engine.receive_ciphertext(ciphertext)
 
     async def _send_alert(self) -> None:
         """Best effort: deliver the alert OpenSSL queued, so the peer sees why we failed."""
-        alert = self._engine.ciphertext_to_send()
+        alert = self._take_outgoing()
         if not alert or self._transport_send_lock.locked():
             return
         with trio.move_on_after(_ALERT_SEND_TIMEOUT):

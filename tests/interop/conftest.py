@@ -92,6 +92,7 @@ class Ztunnel:
     ports: Mapping[str, int]
 
     def metrics(self) -> str:
+        self.process.check_running()  # a crash explains itself with the log tail
         return http_get(f"http://{self.address}:{self.ports['metrics']}/metrics")
 
 

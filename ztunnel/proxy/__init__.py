@@ -1,1 +1,1 @@
-"""The ztunnel's proxies: routing decisions, their typed errors, and the trio shells that act on them."""
+"""The ztunnel proxies: routing decisions, typed errors, and the trio shells that act."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 
-import trio
-
 from meshcore import netio
 
 
@@ -31,6 +29,4 @@ async def relay(a: socket.socket, b: socket.socket, counts: list[int]) -> None:
 
     `counts` ([a->b, b->a]) is updated as bytes move, so it is right even if the relay fails.
     """
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_one_way, a, b, counts, 0)
-        await _one_way(b, a, counts, 1)
+    await netio.run_both(_one_way(a, b, counts, 0), _one_way(b, a, counts, 1))

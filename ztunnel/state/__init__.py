@@ -1,1 +1,1 @@
-"""The ztunnel's state: the mesh model, its immutable indexed snapshots, and the local config file."""
+"""The ztunnel state: mesh model, immutable indexed snapshots, and the local config file."""
