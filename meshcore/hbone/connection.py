@@ -352,7 +352,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._response = trio.Event()
         self._status = 0
         self.response_headers: tuple[tuple[str, str], ...] = ()
-        self._inbox: deque[bytes] = deque()  # payload not yet consumed (stream mode)
+        self._inbox: deque[bytes | memoryview] = deque()  # payload not yet consumed (stream mode)
         self._backlog = bytearray()  # payload not yet written to the sink (relay mode)
         self._sink: socket.socket | None = None
         self._recv_wakeup = trio.Event()
@@ -373,7 +373,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self.response_headers = headers
         self._response.set()
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | memoryview) -> None:
         self.bytes_received += len(data)
         sink = self._sink
         if sink is not None and not self._backlog:
@@ -483,7 +483,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             chunk = chunk[:max_bytes]
         if self._core.acknowledge(self.stream_id, len(chunk)):
             self._conn._mark_dirty()
-        return chunk
+        return bytes(chunk)
 
     async def aclose(self) -> None:
         self._abort()

@@ -94,7 +94,7 @@ class TunnelData:
     """Payload for a tunnel. Acknowledge it once written out, to return stream credit."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,12 +328,12 @@ class HboneConnection:
             self._h2.close_connection(error_code)
             self._pull_h2()
 
-    def data_to_send(self) -> bytes:
-        """Bytes to write to the transport, in order; empties the buffer."""
+    def data_to_send(self) -> bytes | bytearray:
+        """Bytes to write to the transport, in order; empties the buffer (hands it over, no copy)."""
         if not self._out:
             return b""
-        out = bytes(self._out)
-        self._out.clear()
+        out = self._out
+        self._out = bytearray()
         return out
 
     # --- input ---
@@ -341,17 +341,38 @@ class HboneConnection:
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed bytes from the transport; returns the events they caused.
 
+        `TunnelData.data` may be a memoryview into `data` (no copy) when `data` is immutable
+        bytes; keep it as long as you like, it is never overwritten.
+
         Raises HboneProtocolError when the peer broke the protocol; a GOAWAY is queued.
         """
-        buf = self._in
-        buf += data
         events: list[Event] = []
-        pos = 0
         if self._preface_pending:
-            take = min(self._preface_pending, len(buf))
-            self._h2_receive(bytes(buf[:take]), events)
+            take = min(self._preface_pending, len(data))
+            self._h2_receive(bytes(data[:take]), events)
             self._preface_pending -= take
-            pos = take
+            data = data[take:]
+        if self._in or not isinstance(data, bytes):
+            # A partial frame is pending (or the buffer is mutable): parse from our own copy,
+            # whose payload slices must then be copied out.
+            self._in += data
+            consumed = self._parse(self._in, events, zero_copy=False)
+            del self._in[:consumed]
+        else:
+            # Common case: whole frames in an immutable buffer; slice payloads without copying.
+            consumed = self._parse(data, events, zero_copy=True)
+            if consumed < len(data):
+                self._in += memoryview(data)[consumed:]
+        if self._conn_unacked >= CONNECTION_WINDOW // 4:
+            self._out += _WINDOW_UPDATE_HEADER.pack(0, 4, 0x8, 0, 0, self._conn_unacked)
+            self._conn_recv_window += self._conn_unacked
+            self._conn_unacked = 0
+        return events
+
+    def _parse(self, buf: bytes | bytearray, events: list[Event], *, zero_copy: bool) -> int:
+        """Handle every complete frame in `buf`; returns how many bytes were consumed."""
+        view = memoryview(buf)
+        pos = 0
         control_start = -1  # start of a run of non-DATA frames, handed to h2 in one call
         end = len(buf)
         max_frame = MAX_FRAME_SIZE
@@ -369,22 +390,19 @@ class HboneConnection:
                     pos += 9 + length
                     continue
                 if control_start >= 0:
-                    self._h2_receive(bytes(buf[control_start:pos]), events)
+                    self._h2_receive(bytes(view[control_start:pos]), events)
                     control_start = -1
-                self._receive_data_frame(buf, pos, length, flags, stream_id & 0x7FFFFFFF, events)
+                self._receive_data_frame(view, pos, length, flags, stream_id & 0x7FFFFFFF, events, zero_copy)
                 pos += 9 + length
-            if control_start >= 0:
-                self._h2_receive(bytes(buf[control_start:pos]), events)
         finally:
-            del buf[:pos]
-        if self._conn_unacked >= CONNECTION_WINDOW // 4:
-            self._out += _WINDOW_UPDATE_HEADER.pack(0, 4, 0x8, 0, 0, self._conn_unacked)
-            self._conn_recv_window += self._conn_unacked
-            self._conn_unacked = 0
-        return events
+            if control_start >= 0:
+                self._h2_receive(bytes(view[control_start:pos]), events)
+            if not zero_copy:
+                view.release()  # our bytearray must be resizable again; its payloads were copied
+        return pos
 
     def _receive_data_frame(
-        self, buf: bytearray, pos: int, length: int, flags: int, stream_id: int, events: list[Event]
+        self, buf: memoryview, pos: int, length: int, flags: int, stream_id: int, events: list[Event], zero_copy: bool
     ) -> None:
         if stream_id == 0:
             self._fail("DATA frame on stream 0")
@@ -412,7 +430,7 @@ class HboneConnection:
             # Padding is flow-controlled but never delivered: credit it back now.
             recv.unacked += length - (stop - start)
         if stop > start:
-            events.append(TunnelData(stream_id, bytes(buf[start:stop])))
+            events.append(TunnelData(stream_id, buf[start:stop] if zero_copy else bytes(buf[start:stop])))
         if flags & _FLAG_END_STREAM:
             self._h2_receive(_FRAME_HEADER.pack(0, 0, _DATA, _FLAG_END_STREAM, stream_id), events)
 

@@ -244,3 +244,35 @@ async def test_readiness_metrics_and_config_dump_endpoints(mesh: LoopbackMesh):
     dump = json.loads(body)
     assert {w["name"] for w in dump["workloads"]} == {"client", "server"}
     assert dump["certificates"][0]["identity"] == "spiffe://cluster.local/ns/default/sa/server"
+
+
+@pytest.mark.root
+async def test_transparent_outbound_via_nftables_redirect(mesh: LoopbackMesh):
+    """Port 15001: the app dials the server directly; an nftables DNAT (like Istio's REDIRECT)
+    sends it to ztunnel A, which reads SO_ORIGINAL_DST and tunnels it over HBONE."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("nft") is None:
+        pytest.skip("needs root and nft to install a capture rule")
+    table = f"mesh_test_{os.getpid()}"
+    outbound = f"{mesh.a.config.address}:{mesh.a.config.ports.outbound}"
+    rules = (
+        f"table ip {table} {{\n chain out {{\n type nat hook output priority -100;\n"
+        f" ip saddr {mesh.client.ip} ip daddr {mesh.server.ip} tcp dport {ECHO_PORT} meta mark != 0x539 dnat to {outbound}\n }}\n}}\n"
+    )
+    subprocess.run(["nft", "-f", "-"], input=rules.encode(), check=True)
+    try:
+        sock = trio.socket.socket()
+        await sock.bind((mesh.client.ip, 0))
+        await sock.connect((mesh.server.ip, ECHO_PORT))
+        stream = trio.SocketStream(sock)
+        await stream.send_all(b"captured")
+        assert await stream.receive_some(8) == b"captured"
+        await stream.aclose()
+        await wait_for(lambda: samples(mesh.b, "istio_tcp_connections_closed_total"))
+        [dst] = samples(mesh.b, "istio_tcp_connections_closed_total")
+        assert dst.labels["connection_security_policy"] == "mutual_tls"
+        assert dst.labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/client"
+    finally:
+        subprocess.run(["nft", "delete", "table", "ip", table], check=False)

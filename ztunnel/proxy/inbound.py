@@ -14,6 +14,7 @@ DENY policy that refuses them.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 
@@ -42,7 +43,6 @@ from ztunnel.proxy.errors import (
 from ztunnel.proxy.inputs import CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, ProxyInputs
 from ztunnel.proxy.route import inbound_destination, parse_authority
 from ztunnel.rbac import ConnectionAttributes, authorize
-from ztunnel.state.model import Workload
 
 _log = get_logger("inbound")
 
@@ -138,7 +138,7 @@ class InboundHbone:
                     f"CONNECT {request.authority} arrived on {conn.local_address[0]}: a tunnel may only target the pod it was dialed on"
                 )
             workload, ip, port = inbound_destination(state, request.authority, inputs.config.node)
-            info = _with_destination(info, workload, (str(ip), port))
+            info = dataclasses.replace(info, destination_workload=workload, dst_addr=(str(ip), port))
             if port in inputs.config.ports.own:
                 raise SelfCall(f"CONNECT {request.authority} targets ztunnel's own port {port}")
             attributes = ConnectionAttributes(src_ip=peer_ip, dst_ip=ip, dst_port=port, src_identity=conn.peer_identity)
@@ -243,21 +243,6 @@ async def _connect_app(inputs: ProxyInputs, address: tuple[str, int]) -> socket.
 async def _goaway_on_drain(inputs: ProxyInputs, conn: TunnelConnection) -> None:
     await inputs.drain.wait_started()
     conn.goaway()
-
-
-def _with_destination(info: ConnectionInfo, workload: Workload, address: tuple[str, int]) -> ConnectionInfo:
-    return ConnectionInfo(
-        reporter=info.reporter,
-        src_addr=info.src_addr,
-        dst_addr=address,
-        hbone_target=info.hbone_target,
-        source_workload=info.source_workload,
-        source_identity=info.source_identity,
-        destination_workload=workload,
-        destination_service=None,
-        destination_identity=info.destination_identity,
-        mtls=info.mtls,
-    )
 
 
 def _handshake_error(exc: BaseException) -> ProxyError:

@@ -7,6 +7,7 @@ speaks for the source workload's identity and accepts only the expected peer ide
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -218,18 +219,14 @@ async def _connect_as(address: tuple[str, int], source_ip: str | None, mark: int
 
 
 def _described(info: ConnectionInfo, request: OutboundRequest) -> ConnectionInfo:
-    hbone = request.protocol == "hbone"
-    return ConnectionInfo(
-        reporter="source",
-        src_addr=info.src_addr,
+    return dataclasses.replace(
+        info,
         dst_addr=(str(request.dial[0]), request.dial[1]),
         hbone_target=request.authority,
-        source_workload=info.source_workload,
-        source_identity=info.source_identity,
         destination_workload=request.destination_workload,
         destination_service=request.destination_service,
         destination_identity=request.expected_identities[0] if request.expected_identities else None,
-        mtls=hbone,
+        mtls=request.protocol == "hbone",
     )
 
 
