@@ -59,7 +59,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mesh-demo-"))
     write_ca(work)
     write_state(work / "state.yaml", [CLIENT, SERVER])
-    ztunnel = shutil.which("ztunnel") or str(Path(sys.executable).parent / "ztunnel")
+    repo = Path(__file__).resolve().parents[1]
     procs: list[subprocess.Popen] = []
     try:
         app_dir = work / "www"
@@ -72,7 +72,9 @@ def main() -> int:
         for node in (NODE_A, NODE_B):
             config = write_node_config(work, node)
             log = open(work / f"ztunnel-{node.name}.log", "w")
-            procs.append(subprocess.Popen([ztunnel, "--config", str(config)], stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "ztunnel", "--config", str(config)], cwd=repo, stdout=log, stderr=subprocess.STDOUT
+            ))
         deadline = time.monotonic() + 20
         for node in (NODE_A, NODE_B):
             wait_ready(node, deadline)
