@@ -62,8 +62,14 @@ class TunnelRequest:
         return next((v for k, v in self.headers if k == name), None)
 
     def accept(self, headers: tuple[tuple[str, str], ...] = ()) -> TunnelStream:
-        """Answer 200: the tunnel is open. Call only after the upstream connection succeeded."""
-        stream = self.connection._streams[self.stream_id]
+        """Answer 200: the tunnel is open. Call only after the upstream connection succeeded.
+
+        Raises trio.BrokenResourceError if the peer reset the stream (or the connection died)
+        while the handler was busy.
+        """
+        stream = self.connection._streams.get(self.stream_id)
+        if stream is None or stream._reset_code is not None:
+            raise trio.BrokenResourceError(f"HBONE stream {self.stream_id} was reset before it was accepted")
         self.connection._core.respond(self.stream_id, 200, headers)
         self.connection._mark_dirty()
         return stream

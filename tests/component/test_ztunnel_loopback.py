@@ -276,3 +276,23 @@ async def test_transparent_outbound_via_nftables_redirect(mesh: LoopbackMesh):
         assert dst.labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/client"
     finally:
         subprocess.run(["nft", "delete", "table", "ip", table], check=False)
+
+
+async def test_burst_of_reset_streams_leaves_the_server_serving(mesh: LoopbackMesh):
+    """Rapid reset: CONNECT then RST_STREAM at once, many times; others keep being served."""
+    cert = mesh.ca.issue(Identity("cluster.local", "default", "client"))
+    conn = await _raw_hbone(mesh, cert)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        for _ in range(300):
+            stream_id = conn._core.open_tunnel(f"{mesh.server.ip}:{ECHO_PORT}")
+            conn._core.reset(stream_id)
+        conn._mark_dirty()
+        await trio.sleep(0.5)
+        tunnel = await conn.open_tunnel(f"{mesh.server.ip}:{ECHO_PORT}")
+        await tunnel.send_all(b"after the burst")
+        assert await tunnel.receive_some() == b"after the burst"
+        await tunnel.aclose()
+        conn.abort()
+    # Nothing leaks: every tunnel of the burst is gone from the server's books.
+    await wait_for(lambda: len(mesh.b.inputs.connections) == 0)

@@ -150,7 +150,12 @@ class InboundHbone:
             request.reject(error.status)
             inputs.metrics.connection(info).failed(error)
             return
-        tunnel = request.accept()
+        try:
+            tunnel = request.accept()
+        except trio.BrokenResourceError as exc:
+            netio.close(upstream)
+            inputs.metrics.connection(info).failed(UpstreamConnectFailed(f"client went away: {exc}"))
+            return
         recorder = inputs.metrics.connection(info)
         recorder.opened()
         error: BaseException | None = None
