@@ -296,3 +296,53 @@ async def test_burst_of_reset_streams_leaves_the_server_serving(mesh: LoopbackMe
         conn.abort()
     # Nothing leaks: every tunnel of the burst is gone from the server's books.
     await wait_for(lambda: len(mesh.b.inputs.connections) == 0)
+
+
+@pytest.mark.root
+async def test_plaintext_inbound_from_outside_the_mesh(mesh: LoopbackMesh):
+    """Port 15006: a non-mesh client's connection to a mesh workload is captured, authorized
+    without an identity and relayed; a STRICT-style policy (deny without a principal) refuses it."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("nft") is None:
+        pytest.skip("needs root and nft to install a capture rule")
+    outsider = mesh.client.ip.rsplit(".", 1)[0] + ".99"  # not a workload
+    table = f"mesh_test_in_{os.getpid()}"
+    inbound = f"{mesh.b.config.address}:{mesh.b.config.ports.inbound_plaintext}"
+    rules = (
+        f"table ip {table} {{\n chain out {{\n type nat hook output priority -100;\n"
+        f" ip saddr {outsider} ip daddr {mesh.server.ip} tcp dport {ECHO_PORT} meta mark != 0x539 dnat to {inbound}\n }}\n}}\n"
+    )
+    subprocess.run(["nft", "-f", "-"], input=rules.encode(), check=True)
+
+    async def talk() -> bytes:
+        sock = trio.socket.socket()
+        await sock.bind((outsider, 0))
+        await sock.connect((mesh.server.ip, ECHO_PORT))
+        stream = trio.SocketStream(sock)
+        try:
+            await stream.send_all(b"plain")
+            with trio.fail_after(5):
+                return await stream.receive_some(5)
+        except trio.BrokenResourceError:
+            return b""
+        finally:
+            await stream.aclose()
+
+    try:
+        assert await talk() == b"plain"
+        await wait_for(lambda: samples(mesh.b, "istio_tcp_connections_closed_total"))
+        [dst] = samples(mesh.b, "istio_tcp_connections_closed_total")
+        assert dst.labels["connection_security_policy"] == "unknown"
+        assert dst.labels["reporter"] == "destination" and dst.labels["source_principal"] == "unknown"
+
+        mesh.set_policies([{  # what PeerAuthentication STRICT becomes for ztunnel
+            "name": "istio_converted_static_strict", "namespace": "default", "scope": "Namespace",
+            "action": "Deny", "rules": [[[{"notPrincipals": [{"Presence": []}]}]]],
+        }])
+        await wait_for(lambda: mesh.b.state.current.policies)
+        assert await talk() == b""
+        await wait_for(lambda: any(s.labels["response_flags"] == "DENY" for s in samples(mesh.b, "istio_tcp_connections_closed_total")))
+    finally:
+        subprocess.run(["nft", "delete", "table", "ip", table], check=False)
