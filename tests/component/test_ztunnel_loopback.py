@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import socket
+import subprocess
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import prometheus_client.parser
@@ -53,6 +56,23 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.05)
+
+
+@contextmanager
+def nft_dnat(saddr: str, daddr: str, dport: int, to: str):
+    """Capture like Istio does (nat OUTPUT, skipping ztunnel's marked sockets); removed after."""
+    if os.geteuid() != 0 or shutil.which("nft") is None:
+        pytest.skip("needs root and nft to install a capture rule")
+    table = f"mesh_test_{os.getpid()}_{dport}_{saddr.replace('.', '_')}"
+    rules = (
+        f"table ip {table} {{\n chain out {{\n type nat hook output priority -100;\n"
+        f" ip saddr {saddr} ip daddr {daddr} tcp dport {dport} meta mark != 0x539 dnat to {to}\n }}\n}}\n"
+    )
+    subprocess.run(["nft", "-f", "-"], input=rules.encode(), check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["nft", "delete", "table", "ip", table], check=False)
 
 
 async def test_bytes_cross_the_mesh_with_mtls_and_both_sides_report(mesh: LoopbackMesh):
@@ -250,19 +270,8 @@ async def test_readiness_metrics_and_config_dump_endpoints(mesh: LoopbackMesh):
 async def test_transparent_outbound_via_nftables_redirect(mesh: LoopbackMesh):
     """Port 15001: the app dials the server directly; an nftables DNAT (like Istio's REDIRECT)
     sends it to ztunnel A, which reads SO_ORIGINAL_DST and tunnels it over HBONE."""
-    import shutil
-    import subprocess
-
-    if os.geteuid() != 0 or shutil.which("nft") is None:
-        pytest.skip("needs root and nft to install a capture rule")
-    table = f"mesh_test_{os.getpid()}"
     outbound = f"{mesh.a.config.address}:{mesh.a.config.ports.outbound}"
-    rules = (
-        f"table ip {table} {{\n chain out {{\n type nat hook output priority -100;\n"
-        f" ip saddr {mesh.client.ip} ip daddr {mesh.server.ip} tcp dport {ECHO_PORT} meta mark != 0x539 dnat to {outbound}\n }}\n}}\n"
-    )
-    subprocess.run(["nft", "-f", "-"], input=rules.encode(), check=True)
-    try:
+    with nft_dnat(mesh.client.ip, mesh.server.ip, ECHO_PORT, outbound):
         sock = trio.socket.socket()
         await sock.bind((mesh.client.ip, 0))
         await sock.connect((mesh.server.ip, ECHO_PORT))
@@ -274,8 +283,6 @@ async def test_transparent_outbound_via_nftables_redirect(mesh: LoopbackMesh):
         [dst] = samples(mesh.b, "istio_tcp_connections_closed_total")
         assert dst.labels["connection_security_policy"] == "mutual_tls"
         assert dst.labels["source_principal"] == "spiffe://cluster.local/ns/default/sa/client"
-    finally:
-        subprocess.run(["nft", "delete", "table", "ip", table], check=False)
 
 
 async def test_burst_of_reset_streams_leaves_the_server_serving(mesh: LoopbackMesh):
@@ -302,19 +309,8 @@ async def test_burst_of_reset_streams_leaves_the_server_serving(mesh: LoopbackMe
 async def test_plaintext_inbound_from_outside_the_mesh(mesh: LoopbackMesh):
     """Port 15006: a non-mesh client's connection to a mesh workload is captured, authorized
     without an identity and relayed; a STRICT-style policy (deny without a principal) refuses it."""
-    import shutil
-    import subprocess
-
-    if os.geteuid() != 0 or shutil.which("nft") is None:
-        pytest.skip("needs root and nft to install a capture rule")
     outsider = mesh.client.ip.rsplit(".", 1)[0] + ".99"  # not a workload
-    table = f"mesh_test_in_{os.getpid()}"
     inbound = f"{mesh.b.config.address}:{mesh.b.config.ports.inbound_plaintext}"
-    rules = (
-        f"table ip {table} {{\n chain out {{\n type nat hook output priority -100;\n"
-        f" ip saddr {outsider} ip daddr {mesh.server.ip} tcp dport {ECHO_PORT} meta mark != 0x539 dnat to {inbound}\n }}\n}}\n"
-    )
-    subprocess.run(["nft", "-f", "-"], input=rules.encode(), check=True)
 
     async def talk() -> bytes:
         sock = trio.socket.socket()
@@ -330,7 +326,7 @@ async def test_plaintext_inbound_from_outside_the_mesh(mesh: LoopbackMesh):
         finally:
             await stream.aclose()
 
-    try:
+    with nft_dnat(outsider, mesh.server.ip, ECHO_PORT, inbound):
         assert await talk() == b"plain"
         await wait_for(lambda: samples(mesh.b, "istio_tcp_connections_closed_total"))
         [dst] = samples(mesh.b, "istio_tcp_connections_closed_total")
@@ -344,5 +340,3 @@ async def test_plaintext_inbound_from_outside_the_mesh(mesh: LoopbackMesh):
         await wait_for(lambda: mesh.b.state.current.policies)
         assert await talk() == b""
         await wait_for(lambda: any(s.labels["response_flags"] == "DENY" for s in samples(mesh.b, "istio_tcp_connections_closed_total")))
-    finally:
-        subprocess.run(["nft", "delete", "table", "ip", table], check=False)
