@@ -27,7 +27,17 @@ _HANDSHAKE_READ = 64 * 1024
 async def _tls_handshake(sock: socket.socket, engine: TlsEngine) -> None:
     buf = bytearray(_HANDSHAKE_READ)
     while True:
-        done = engine.do_handshake()
+        try:
+            done = engine.do_handshake()
+        except TlsError:
+            # Send the alert we owe the peer, so it learns why instead of seeing a bare EOF.
+            alert = engine.ciphertext_to_send()
+            if alert:
+                try:
+                    netio.send_nowait(sock, alert)
+                except OSError:
+                    pass
+            raise
         out = engine.ciphertext_to_send()
         if out:
             await netio.send_all(sock, out)

@@ -312,7 +312,7 @@ def test_contexts_are_cached_per_certificate(pki: MeshPki) -> None:
     assert client_context(pki.client) is not client_context(pki.server)
 
 
-def test_negotiates_tls13_aes_gcm_h2(pki: MeshPki) -> None:
+def test_negotiates_tls13_aes_gcm_x25519_h2(pki: MeshPki) -> None:
     client = TlsEngine(client_context(pki.client), server_side=False)
     server = TlsEngine(server_context(pki.server), server_side=True)
     handshake_in_memory(client, server)
@@ -321,6 +321,7 @@ def test_negotiates_tls13_aes_gcm_h2(pki: MeshPki) -> None:
         assert conn.get_protocol_version_name() == "TLSv1.3"
         assert conn.get_cipher_name() in ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384")
         assert conn.get_alpn_proto_negotiated() == b"h2"
+        assert conn.get_group_name() == "x25519"
 
 
 def test_sessions_are_never_resumed(pki: MeshPki) -> None:
