@@ -3,8 +3,9 @@
 Task tree:
     run
     ├── signal handler (SIGTERM/SIGINT start the drain)
-    ├── state file watcher (the single writer of the StateStore until xDS feeds it)
-    ├── certificate manager (renews local workloads' certificates at half life)
+    ├── state feed (local file or delta xDS: the single writer of the StateStore)
+    ├── certificate manager (renews local workloads' certificates at half life) and the
+    │   tracker that fetches one for every local workload identity as workloads come and go
     ├── HBONE pool (client connections to peer ztunnels)
     ├── policy watcher (closes open connections a new policy denies)
     ├── metrics :15020, readiness :15021, admin :15000 (loopback)
@@ -20,10 +21,8 @@ from __future__ import annotations
 
 import random
 import socket
-from pathlib import Path
 from typing import Any
 
-import prometheus_client
 import trio
 
 from meshcore import netio
@@ -31,34 +30,33 @@ from meshcore.admin import Readiness, admin_routes, metrics_routes, readiness_ro
 from meshcore.drain import Drain, install_signal_handlers
 from meshcore.hbone.pool import HbonePool
 from meshcore.identity.ca import CertificateAuthority
-from meshcore.identity.manager import CertificateManager, LocalCaProvider
+from meshcore.identity.caclient import RemoteCaProvider
+from meshcore.identity.manager import CertificateManager, CertificateProvider, CertificateUnavailable, LocalCaProvider
 from meshcore.log import get_logger
 from meshcore.metrics import new_registry
-from ztunnel.config import ConfigError, ZtunnelConfig
+from ztunnel.config import ConfigError, LocalSource, ZtunnelConfig
+from ztunnel.feeds import LocalFileFeed, XdsFeed
 from ztunnel.metrics import ZtunnelMetrics
 from ztunnel.proxy.connections import ConnectionManager
 from ztunnel.proxy.inbound import InboundHbone, InboundPlaintext
 from ztunnel.proxy.inputs import ProxyInputs
 from ztunnel.proxy.outbound import Outbound
 from ztunnel.proxy.socks5 import Socks5
-from ztunnel.state.localconfig import LocalConfigError, load_local_config
 from ztunnel.state.store import StateStore
 
 _log = get_logger("ztunnel")
 
-STATE_POLL_INTERVAL = 1.0
 
-
-def load_ca(config: ZtunnelConfig) -> CertificateAuthority:
+def load_ca(source: LocalSource) -> CertificateAuthority:
     try:
-        cert_pem = config.ca_cert_path.read_bytes()
-        key_pem = config.ca_key_path.read_bytes()
+        cert_pem = source.ca_cert_path.read_bytes()
+        key_pem = source.ca_key_path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"ca: cannot read {exc.filename}: {exc.strerror}") from exc
     try:
-        return CertificateAuthority.load(cert_pem, key_pem, trust_domain=config.trust_domain)
+        return CertificateAuthority.load(cert_pem, key_pem)
     except ValueError as exc:
-        raise ConfigError(f"ca: {config.ca_cert_path} / {config.ca_key_path}: {exc}") from exc
+        raise ConfigError(f"ca: {source.ca_cert_path} / {source.ca_key_path}: {exc}") from exc
 
 
 def usable_mark() -> int | None:
@@ -81,12 +79,16 @@ class Ztunnel:
         self.drain = Drain(grace=config.drain_seconds)
         self.readiness = Readiness(pending=("state", "certificates", "proxy"))
         self.state = StateStore()
-        self.certificates = CertificateManager(LocalCaProvider(load_ca(config)))
-        self.config_rejections = prometheus_client.Counter(
-            "ztunnel_local_config_rejections",
-            "Times the local state file was rejected (the last good state keeps serving)",
-            registry=self.registry,
-        )
+        if isinstance(config.source, LocalSource):
+            provider: CertificateProvider = LocalCaProvider(load_ca(config.source))
+            self.feed: LocalFileFeed | XdsFeed = LocalFileFeed(config.source.state_path, self.state, self.registry)
+        else:
+            self.feed = XdsFeed(config.source, node=config.node, address=config.address, store=self.state, registry=self.registry)
+            root = config.source.root_cert_path
+            provider = RemoteCaProvider(
+                config.source.address, root_pem=root.read_bytes() if root else None, token=self.feed.token
+            )
+        self.certificates = CertificateManager(provider)
         outbound_dial = None
         self.inputs = ProxyInputs(
             config=config,
@@ -104,15 +106,12 @@ class Ztunnel:
         self.inbound = InboundHbone(self.inputs)
         self.plaintext = InboundPlaintext(self.inputs)
         self.socks5 = Socks5(self.outbound)
-        self._state_mtime: float | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
-        self._load_state(initial=True)
-        self.readiness.mark_ready("state")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(install_signal_handlers, self.drain)
-            nursery.start_soon(self._watch_state_file)
+            nursery.start_soon(self.feed.run)
             await nursery.start(self.certificates.run)
             await nursery.start(self.inputs.pool.run)
             nursery.start_soon(self.inputs.connections.watch_policies)
@@ -123,10 +122,10 @@ class Ztunnel:
             ):
                 if port:
                     await nursery.start(serve_http, (host, port), routes)
-            nursery.start_soon(self._prefetch_certificates)
+            nursery.start_soon(self._track_local_certificates)
             await nursery.start(self._run_proxies)
             self.readiness.mark_ready("proxy")
-            _log.info("ztunnel ready", node=config.node, address=config.address)
+            _log.info("ztunnel started", node=config.node, address=config.address)
             task_status.started()
             await self._proxies_done.wait()
             nursery.cancel_scope.cancel()
@@ -188,34 +187,31 @@ class Ztunnel:
         finally:
             netio.close(listener)
 
-    async def _prefetch_certificates(self) -> None:
-        """Fetch every local workload's certificate before declaring readiness (ztunnel's warm-up)."""
-        identities = {w.identity for w in self.state.current.local_workloads(self.config.node)}
-        async with trio.open_nursery() as nursery:
-            for identity in identities:
-                nursery.start_soon(self.certificates.get, identity)
-        self.readiness.mark_ready("certificates")
-
-    def _load_state(self, *, initial: bool = False) -> None:
-        path: Path = self.config.state_path
-        try:
-            mtime = path.stat().st_mtime
-            if mtime == self._state_mtime:
-                return
-            self._state_mtime = mtime
-            self.state.replace(load_local_config(path))
-        except (OSError, LocalConfigError) as exc:
-            if initial:
-                raise ConfigError(str(exc)) from exc
-            self.config_rejections.inc()
-            _log.error("state file rejected; the last good state keeps serving", path=str(path), error=str(exc))
-            return
-        _log.info("state loaded", path=str(path), version=self.state.current.version)
-
-    async def _watch_state_file(self) -> None:
+    async def _track_local_certificates(self) -> None:
+        """Hold a certificate for every local workload's identity (ztunnel's warm-up fetch);
+        drop those no workload on this node uses any more. Readiness waits for the first
+        full state and its certificates."""
+        await self.feed.wait_synced()
+        self.readiness.mark_ready("state")
+        held: set = set()
+        state = self.state.current
         while True:
-            await trio.sleep(STATE_POLL_INTERVAL)
-            self._load_state()
+            wanted = {w.identity for w in state.local_workloads(self.config.node)}
+            async with trio.open_nursery() as nursery:
+                for identity in wanted - held:
+                    nursery.start_soon(self._fetch_quietly, identity)
+            for identity in held - wanted:
+                self.certificates.forget(identity)
+            held = wanted
+            self.readiness.mark_ready("certificates")
+            state = await self.state.wait_for_change(state.version)
+
+    async def _fetch_quietly(self, identity) -> None:
+        try:
+            await self.certificates.get(identity)
+        except CertificateUnavailable as exc:
+            # Connections for it will retry the fetch; the manager logs and backs off.
+            _log.error("certificate prefetch failed", identity=identity.uri, error=str(exc))
 
     def config_dump(self) -> dict[str, Any]:
         dump = self.state.current.to_json()

@@ -3,8 +3,11 @@
     node: node-a                 # workloads in the state file on this node are served here
     address: 127.0.0.1           # node address: outbound, socks5, plaintext, metrics, admin bind here
     trustDomain: cluster.local
+    # Either a local state file and a dev CA (no control plane) ...
     state: state.yaml            # workloads/services/policies in ztunnel's local-config format
     ca: {cert: ca.pem, key: ca-key.pem}   # dev CA that mints local workloads' certificates
+    # ... or istiod_lite: delta xDS for the state, its CA for certificates
+    controlPlane: {address: "127.0.0.1:15012", rootCert: root-cert.pem, tokenFile: node-a.token}
     ports: {outbound: 15001, inboundPlaintext: 15006, inbound: 15008, socks5: 15080,
             metrics: 15020, readiness: 15021, admin: 15000}      # 0 disables a listener
     drainSeconds: 5
@@ -30,7 +33,7 @@ DEFAULT_PORTS = {
     "readiness": 15021,
     "admin": 15000,
 }
-_TOP_LEVEL = ("node", "address", "trustDomain", "state", "ca", "ports", "drainSeconds")
+_TOP_LEVEL = ("node", "address", "trustDomain", "state", "ca", "controlPlane", "ports", "drainSeconds")
 
 
 class ConfigError(ValueError):
@@ -54,12 +57,28 @@ class Ports:
 
 
 @dataclass(frozen=True, slots=True)
-class ZtunnelConfig:
-    node: str
-    address: str
+class LocalSource:
+    """State from a file, certificates minted with a dev CA: a mesh without a control plane."""
+
     state_path: Path
     ca_cert_path: Path
     ca_key_path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlane:
+    """State over delta xDS and certificates from istiod_lite's CA (TLS when root_cert_path)."""
+
+    address: str
+    token_path: Path
+    root_cert_path: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ZtunnelConfig:
+    node: str
+    address: str
+    source: LocalSource | ControlPlane
     trust_domain: str = "cluster.local"
     ports: Ports = field(default_factory=Ports)
     drain_seconds: float = 5.0
@@ -97,9 +116,29 @@ def parse_config(raw: Any, *, source: str, base: Path) -> ZtunnelConfig:
         ipaddress.ip_address(address)
     except ValueError:
         raise ConfigError(f"{source}: address: {address!r} is not an IP address") from None
-    ca = required("ca")
-    if not isinstance(ca, dict) or set(ca) != {"cert", "key"}:
-        raise ConfigError(f"{source}: ca: expected {{cert: PATH, key: PATH}}, got {ca!r}")
+    if "controlPlane" in raw:
+        if "state" in raw or "ca" in raw:
+            raise ConfigError(f"{source}: controlPlane: cannot be combined with state/ca (choose one source)")
+        cp = raw["controlPlane"]
+        if not isinstance(cp, dict) or not {"address", "tokenFile"} <= set(cp) or set(cp) - {"address", "tokenFile", "rootCert"}:
+            raise ConfigError(f"{source}: controlPlane: expected {{address: HOST:PORT, tokenFile: PATH, rootCert: PATH}}, got {cp!r}")
+        host, _, port = text("controlPlane.address", cp["address"]).rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"{source}: controlPlane.address: expected HOST:PORT, got {cp['address']!r}")
+        origin: LocalSource | ControlPlane = ControlPlane(
+            address=cp["address"],
+            token_path=base / text("controlPlane.tokenFile", cp["tokenFile"]),
+            root_cert_path=base / text("controlPlane.rootCert", cp["rootCert"]) if "rootCert" in cp else None,
+        )
+    else:
+        ca = required("ca")
+        if not isinstance(ca, dict) or set(ca) != {"cert", "key"}:
+            raise ConfigError(f"{source}: ca: expected {{cert: PATH, key: PATH}}, got {ca!r}")
+        origin = LocalSource(
+            state_path=base / text("state", required("state")),
+            ca_cert_path=base / text("ca.cert", ca["cert"]),
+            ca_key_path=base / text("ca.key", ca["key"]),
+        )
     ports_raw = raw.get("ports") or {}
     if not isinstance(ports_raw, dict):
         raise ConfigError(f"{source}: ports: expected a mapping, got {ports_raw!r}")
@@ -117,9 +156,7 @@ def parse_config(raw: Any, *, source: str, base: Path) -> ZtunnelConfig:
         node=text("node", required("node")),
         address=address,
         trust_domain=text("trustDomain", raw.get("trustDomain", "cluster.local")),
-        state_path=base / text("state", required("state")),
-        ca_cert_path=base / text("ca.cert", ca["cert"]),
-        ca_key_path=base / text("ca.key", ca["key"]),
+        source=origin,
         ports=Ports(
             outbound=ports["outbound"],
             inbound_plaintext=ports["inboundPlaintext"],

@@ -63,16 +63,22 @@ def write_state(path: Path, workloads: list[DevWorkload], policies: list[dict[st
     tmp.replace(path)
 
 
-def write_node_config(folder: Path, node: DevNode, *, trust_domain: str = "cluster.local", drain_seconds: float = 5.0) -> Path:
+def write_node_config(
+    folder: Path,
+    node: DevNode,
+    *,
+    trust_domain: str = "cluster.local",
+    drain_seconds: float = 5.0,
+    control_plane: dict[str, str] | None = None,
+) -> Path:
+    """A ztunnel config: the local state file and dev CA, or `control_plane` (the
+    `controlPlane` mapping: address, tokenFile, rootCert) when given."""
     path = folder / f"ztunnel-{node.name}.yaml"
-    config = {
-        "node": node.name,
-        "address": node.address,
-        "trustDomain": trust_domain,
-        "state": "state.yaml",
-        "ca": {"cert": "ca.pem", "key": "ca-key.pem"},
-        "ports": node.ports,
-        "drainSeconds": drain_seconds,
-    }
+    config: dict[str, Any] = {"node": node.name, "address": node.address, "trustDomain": trust_domain}
+    if control_plane is None:
+        config.update(state="state.yaml", ca={"cert": "ca.pem", "key": "ca-key.pem"})
+    else:
+        config["controlPlane"] = control_plane
+    config.update(ports=node.ports, drainSeconds=drain_seconds)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

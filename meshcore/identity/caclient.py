@@ -64,11 +64,11 @@ class RemoteCaProvider:
         self._token = token
         self._ttl = ttl
         self._timeout = timeout
-        self._channel = (
-            grpc.insecure_channel(target)
-            if root_pem is None
-            else grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root_pem))
-        )
+        if root_pem is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_pem)
+            self._channel = grpc.secure_channel(target, credentials)
         self._stub = ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
 
     async def fetch(self, identity: Identity) -> WorkloadCertificate:

@@ -1,0 +1,1 @@
+"""ambientctl: the mesh's CLI and its one-machine runtime (nodes and pods as network namespaces)."""

@@ -1,0 +1,169 @@
+"""istiod_lite/app: composes the controller and runs it in one nursery.
+
+Task tree:
+    run
+    ├── source (files: a watched directory of YAML; kube: list+watch per kind)
+    ├── controller: source events -> Translator (pure, incremental) -> XdsServer.apply,
+    │   and the per-node identity snapshot the CA checks impersonation against
+    ├── XdsServer (debounced pushes to every delta ADS stream)
+    ├── gRPC on 15012 (TLS, serving cert from the mesh CA) and 15010 (plaintext, dev):
+    │   AggregatedDiscoveryService + IstioCertificateService
+    └── monitoring on 15014: /metrics, /ready (after the source's initial sync)
+
+Threads: gRPC servicers run on grpc's pool. xDS streams cross into trio only through
+meshcore/xds/grpc_bridge.py; the CA servicer stays on its grpc thread and reads
+`_identities_by_node`, a mapping this controller replaces (never mutates) on each change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+import trio
+
+from meshcore._gen import ca_pb2_grpc
+from meshcore.admin import Readiness, Response, metrics_routes, serve_http
+from meshcore.identity.ca import CertificateAuthority
+from meshcore.identity.spiffe import Identity
+from meshcore.log import get_logger
+from meshcore.metrics import new_registry
+from istiod_lite.ca.authn import Authenticator, NodeTokenAuthenticator, TokenReviewAuthenticator
+from istiod_lite.ca.root import issue_serving_certificate, load_or_create_root, load_plugin_ca
+from istiod_lite.ca.server import CaService
+from istiod_lite.ca.tokens import NodeTokens
+from istiod_lite.config import IstiodConfig
+from istiod_lite.grpcserver import GrpcServer
+from istiod_lite.model import Translator
+from istiod_lite.sources.base import ObjectEvent, SourceEvent, SyncComplete
+from istiod_lite.sources.files import FilesSource
+from istiod_lite.xds.server import XdsServer
+
+_log = get_logger("istiod")
+
+SERVING_DNS_NAMES = ("istiod.istio-system.svc", "istiod.istio-system.svc.cluster.local", "localhost")
+
+
+def load_ca(config: IstiodConfig) -> CertificateAuthority:
+    if config.ca_cert is not None and config.ca_key is not None:
+        return load_plugin_ca(config.ca_cert, config.ca_key, config.ca_chain, trust_domain=config.trust_domain)
+    return load_or_create_root(config.root_dir / "ca", config.trust_domain)
+
+
+class IstiodLite:
+    def __init__(self, config: IstiodConfig) -> None:
+        self.config = config
+        self.registry = new_registry()
+        self.ca = load_ca(config)
+        self.root_pem = self.ca.roots_pem[0]
+        self.tokens = NodeTokens(config.root_dir / "node-tokens")
+        self.translator = Translator(
+            trust_domain=config.trust_domain, root_namespace=config.root_namespace, registry=self.registry
+        )
+        self.xds = XdsServer(registry=self.registry)
+        self.readiness = Readiness(pending=("config",))
+        self._identities_by_node: Mapping[str, frozenset[Identity]] = {}
+        self._pod_nodes: dict[tuple[str, str], str] = {}
+        self._api_client = None
+        if config.source == "kube":
+            self._api_client = _kube_client(config)
+            authenticator: Authenticator = TokenReviewAuthenticator(self._api_client)
+        else:
+            authenticator = NodeTokenAuthenticator(self.tokens)
+        self.ca_service = CaService(self.ca, authenticator, self._identities_on_node, registry=self.registry)
+        self._scope = trio.CancelScope()
+        self.stopped = trio.Event()
+
+    def node_token(self, node: str) -> str:
+        """The bearer token a node's ztunnel presents (files source: minted once, kept 0600)."""
+        return self.tokens.token_for(node)
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    def _identities_on_node(self, node: str) -> frozenset[Identity]:
+        return self._identities_by_node.get(node, frozenset())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        try:
+            with self._scope:
+                send, receive = trio.open_memory_channel[SourceEvent](1024)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.xds.run)
+                    nursery.start_soon(self._controller, receive)
+                    await nursery.start(self._source().run, send)
+                    serving = issue_serving_certificate(
+                        self.ca, dns_names=SERVING_DNS_NAMES, ip_addresses=(config.listen_address,)
+                    )
+                    servicers = [self.xds.add_to_server, self._add_ca]
+                    tls = grpc.ssl_server_credentials([(serving.key_pem, serving.chain_pem)])
+                    if config.ports.xds_tls:
+                        await nursery.start(
+                            GrpcServer((config.listen_address, config.ports.xds_tls), servicers=servicers, credentials=tls).run
+                        )
+                    if config.ports.xds_plaintext:
+                        await nursery.start(GrpcServer((config.listen_address, config.ports.xds_plaintext), servicers=servicers).run)
+                    if config.ports.monitoring:
+                        routes = {**metrics_routes(self.registry), "/ready": self._ready}
+                        await nursery.start(serve_http, (config.listen_address, config.ports.monitoring), routes)
+                    _log.info("istiod_lite started", source=config.source, address=config.listen_address)
+                    task_status.started()
+        finally:
+            self.stopped.set()
+
+    def _add_ca(self, server: grpc.Server) -> None:
+        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(self.ca_service, server)
+
+    def _source(self):
+        if self.config.source == "files":
+            assert self.config.directory is not None
+            return FilesSource(self.config.directory, registry=self.registry, poll_interval=self.config.poll_interval)
+        from istiod_lite.sources.kube import KubeSource
+
+        return KubeSource(self._api_client, registry=self.registry)
+
+    async def _ready(self, request) -> Response:
+        if self.readiness.ready:
+            return Response(200, b"ready\n")
+        return Response(503, f"not ready, pending: {', '.join(self.readiness.pending)}\n".encode())
+
+    async def _controller(self, receive: trio.MemoryReceiveChannel[SourceEvent]) -> None:
+        async for event in receive:
+            if isinstance(event, SyncComplete):
+                if not self.readiness.ready:
+                    self.xds.mark_ready()
+                    self.readiness.mark_ready("config")
+                    _log.info("initial configuration synced", resources=sum(len(r) for r in self.translator.resources().values()))
+                continue
+            self.xds.apply(self.translator.apply(event))
+            if event.kind == "Pod":
+                self._refresh_node_identities(event)
+
+    def _refresh_node_identities(self, event: ObjectEvent) -> None:
+        """Pods moved, came or went: republish the identities of the nodes involved."""
+        key = (event.namespace, event.name)
+        nodes = {self._pod_nodes.pop(key, None)}
+        if event.action != "delete" and event.obj is not None:
+            node = (event.obj.get("spec") or {}).get("nodeName")
+            if node:
+                self._pod_nodes[key] = node
+                nodes.add(node)
+        nodes.discard(None)
+        if nodes:
+            updated = dict(self._identities_by_node)
+            for node in nodes:
+                updated[node] = frozenset(self.translator.identities_on_node(node))
+            self._identities_by_node = updated
+
+
+def _kube_client(config: IstiodConfig):
+    import kubernetes
+
+    if config.kubeconfig is not None:
+        return kubernetes.config.new_client_from_config(str(config.kubeconfig))
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        return kubernetes.config.new_client_from_config()
+    return kubernetes.client.ApiClient()
