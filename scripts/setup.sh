@@ -29,3 +29,9 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# The kube source's tests run against a real kube-apiserver, built once per machine from
+# Debian's source package and cached outside the checkout (a no-op when cached).
+if [ "$(id -u)" -eq 0 ]; then
+  "$repo/scripts/kube-apiserver.sh" build
+fi

@@ -375,9 +375,10 @@ class Runtime:
         pods = {key: body for key, body in objects.items() if is_builtin(key, "Pod")}
         await self._stop_pods_gone_from(pods)
         await self._start_new_pods(pods, objects, pods_nursery)
-        # Starting pods wrote their status: read again so rules and the board see it.
-        objects = await trio.to_thread.run_sync(self.store.objects)
+        # Starting pods wrote their status: read again so rules and the board see it (the
+        # signature first, so that a write in between is not mistaken for one already seen).
         self._store_signature = await trio.to_thread.run_sync(self._signature)
+        objects = await trio.to_thread.run_sync(self.store.objects)
         self._publish_pods(objects)
         await self._sync_kube_proxy(objects)
 
@@ -403,6 +404,9 @@ class Runtime:
         placements = place_pods(self.nodes, hints)
         services = [body for key, body in objects.items() if is_builtin(key, "Service")]
         for key in sorted(new):
+            if _pod_id(key) not in placements:
+                log.warning("pod stays Pending: every node's pod network is full", pod=_pod_id(key))
+                continue
             body = pods[key]
             handle = _PodHandle(uid=body["metadata"]["uid"], cancel_scope=trio.CancelScope())
             self._pods[key] = handle

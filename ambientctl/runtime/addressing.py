@@ -32,7 +32,7 @@ MAX_NODES = 253
 
 
 class AddressError(ValueError):
-    """The plan cannot be made: too many nodes, a full subnet, an address outside its range."""
+    """The plan cannot be made: too many nodes, no VIP left, an address outside its range."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +90,9 @@ def place_pods(nodes: Sequence[NodeAddresses], pods: Mapping[str, PlacementHint]
 
     A pod keeps its node if that node exists, and its IP if that is free and in the node's
     pod network. The others are placed in sorted key order on the node with the fewest
-    pods (ties: the earlier node); each new IP is its node's lowest free one.
+    pods (ties: the earlier node); each new IP is its node's lowest free one. A pod that
+    fits nowhere (its node's network, or every network, is full) is left out: it stays
+    Pending, as an unschedulable pod does in Kubernetes.
     """
     by_name = {node.name: node for node in nodes}
     placements: dict[str, Placement] = {}
@@ -108,17 +110,23 @@ def place_pods(nodes: Sequence[NodeAddresses], pods: Mapping[str, PlacementHint]
     unplaced = sorted((key for key in pods if key not in placements), key=lambda key: (pods[key].node not in by_name, key))
     for key in unplaced:
         known = by_name.get(pods[key].node or "")
-        node = known or min(nodes, key=lambda candidate: (load[candidate.name], candidate.index))
-        ip = _lowest_free(node.pod_network, taken, reserved={node.gateway}, what=f"node {node.name}'s pod network")
-        placements[key] = Placement(node=node.name, ip=ip)
-        taken.add(ip)
-        load[node.name] += 1
+        candidates = [known] if known else sorted(nodes, key=lambda candidate: (load[candidate.name], candidate.index))
+        for node in candidates:
+            ip = _lowest_free(node.pod_network, taken, reserved={node.gateway})
+            if ip is not None:
+                placements[key] = Placement(node=node.name, ip=ip)
+                taken.add(ip)
+                load[node.name] += 1
+                break
     return placements
 
 
 def next_service_ip(used: Collection[IPv4Address]) -> IPv4Address:
     """The lowest free VIP in 198.19.128.0/17, never one of the host link's addresses."""
-    return _lowest_free(SERVICE_NETWORK, used, reserved=set(HOST_LINK_NETWORK), what="the service VIP range")
+    ip = _lowest_free(SERVICE_NETWORK, used, reserved=set(HOST_LINK_NETWORK))
+    if ip is None:
+        raise AddressError(f"no free address left in the service VIP range {SERVICE_NETWORK}")
+    return ip
 
 
 def check_service_ip(ip: IPv4Address) -> None:
@@ -134,10 +142,8 @@ def _usable(ip: IPv4Address, node: NodeAddresses) -> bool:
     return ip in node.pod_network and ip not in (node.gateway, node.pod_network.network_address, node.pod_network.broadcast_address)
 
 
-def _lowest_free(
-    network: IPv4Network, used: Collection[IPv4Address], *, reserved: Collection[IPv4Address], what: str
-) -> IPv4Address:
+def _lowest_free(network: IPv4Network, used: Collection[IPv4Address], *, reserved: Collection[IPv4Address]) -> IPv4Address | None:
     for ip in network.hosts():
         if ip not in used and ip not in reserved:
             return ip
-    raise AddressError(f"no free address left in {what} ({network})")
+    return None

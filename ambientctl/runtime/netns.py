@@ -291,14 +291,14 @@ def delete_host_link(state: RunState, name: str) -> None:
 
 
 def _claim_netns(state: RunState, name: str) -> None:
-    """Journal, then create, a fresh namespace; one that exists and is not ours is an error."""
+    """Journal, then create, a namespace that must not exist yet."""
     if netns_path(name).exists():
-        if name not in state.netns:
-            raise NetworkError(
-                f"network namespace {name} already exists but this run did not create it "
-                f"(another mesh, or a different run dir?); remove it with `ip netns delete {name}`"
-            )
-        _ip("netns", "delete", name)  # ours, half-built by an attempt that failed
+        if name in state.netns:  # e.g. pods "a-b/c" and "a/b-c" map to the same name
+            raise NetworkError(f"network namespace {name} is already used by another object of this mesh")
+        raise NetworkError(
+            f"network namespace {name} already exists but this run did not create it "
+            f"(another mesh, or a different run dir?); remove it with `ip netns delete {name}`"
+        )
     state.record_netns(name)
     _ip("netns", "add", name)
 

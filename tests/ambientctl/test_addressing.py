@@ -77,10 +77,11 @@ def test_a_node_that_is_gone_or_an_ip_held_twice_gets_a_fresh_placement():
     assert placements["ns/d"].node == "node-2"
 
 
-def test_a_full_pod_network_is_an_error_naming_the_node():
+def test_pods_that_fit_nowhere_are_left_unplaced():
     nodes = plan_nodes(["only"])
-    with pytest.raises(AddressError, match="node only"):
-        place_pods(nodes, {f"ns/p{i:03}": PlacementHint() for i in range(254)})
+    placements = place_pods(nodes, {f"ns/p{i:03}": PlacementHint() for i in range(254)})
+    assert len(placements) == 253 and "ns/p253" not in placements  # .2 to .254: 253 pods
+    assert place_pods(plan_nodes(["a", "b"]), {"ns/x": PlacementHint(node="b")} | {f"ns/b{i:03}": PlacementHint(node="b") for i in range(253)}).keys() >= {"ns/b000"}
 
 
 def test_service_vips_are_the_lowest_free_and_never_the_host_link():
