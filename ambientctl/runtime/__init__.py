@@ -276,6 +276,7 @@ class _PodHandle:
     uid: str
     cancel_scope: trio.CancelScope
     done: trio.Event = field(default_factory=trio.Event)
+    owns_netns: bool = False  # its namespace name was free and it created it
     running: RunningPod | None = None  # set once its containers were started
 
 
@@ -429,7 +430,7 @@ class Runtime:
         try:
             with handle.cancel_scope:
                 async with trio.open_nursery() as containers:
-                    failure = await self._start_pod(key, body, placement, node, netns, services, containers)
+                    failure = await self._start_pod(key, body, placement, node, netns, services, containers, handle)
                     if failure is None:
                         handle.running = _running_pod(body, placement, netns)
                     else:
@@ -440,8 +441,9 @@ class Runtime:
                 # Every container exited: like a kubelet, keep the sandbox until the pod is deleted.
                 await trio.sleep_forever()
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(delete_netns, self._state, netns)
+            if handle.owns_netns:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(delete_netns, self._state, netns)
             handle.done.set()
         if not started:
             task_status.started()  # deleted while starting; the reconciler waits for `done`
@@ -455,9 +457,14 @@ class Runtime:
         netns: str,
         services: list[dict[str, Any]],
         containers: trio.Nursery,
+        handle: _PodHandle,
     ) -> tuple[str, str] | None:
         """Start the pod's containers in `containers`; None, or (reason, message) if it failed."""
         await trio.to_thread.run_sync(self.store.update, key, lambda pod: pod["spec"].__setitem__("nodeName", node.name))
+        if netns_path(netns).exists():
+            # Another pod's: "a-b/c" and "a/b-c" map to the same name.
+            return "NetworkSetupFailed", f"network namespace {netns} is already in use"
+        handle.owns_netns = True
         try:
             await trio.to_thread.run_sync(lambda: create_pod_network(self._state, netns=netns, node=node, ip=str(placement.ip)))
         except NetworkError as exc:
@@ -562,13 +569,16 @@ def stop_supervisor(record: ProcessRecord, *, timeout: float) -> bool:
 
     Returns True if it stopped by itself. Blocking.
     """
-    os.kill(record.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while record.is_alive():
-        if time.monotonic() > deadline:
-            os.kill(record.pid, signal.SIGKILL)
-            return False
-        time.sleep(0.05)
+    try:
+        os.kill(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while record.is_alive():
+            if time.monotonic() > deadline:
+                os.kill(record.pid, signal.SIGKILL)
+                return False
+            time.sleep(0.05)
+    except ProcessLookupError:
+        pass  # it exited by itself meanwhile
     return True
 
 

@@ -126,3 +126,33 @@ async def test_ztunnels_keep_serving_without_istiod(control_plane_mesh):
     await istiod.stopped.wait()
     status, echoed = await socks5_roundtrip(socks, f"{net}.11", (f"{net}.12", ECHO_PORT), b"static stability")
     assert (status, echoed) == (0, b"static stability")
+
+
+async def test_open_connection_survives_istiod_restart_and_ztunnels_resync(control_plane_mesh, nursery):
+    net, manifests, istiod, ztunnels = control_plane_mesh
+    socks = (f"{net}.1", 15080)
+    sock = trio.socket.socket()
+    await sock.bind((f"{net}.11", 0))
+    await sock.connect(socks)
+    stream = trio.SocketStream(sock)
+    await stream.send_all(b"\x05\x01\x00")
+    await stream.receive_some(2)
+    await stream.send_all(b"\x05\x01\x00\x01" + ipaddress.IPv4Address(f"{net}.12").packed + ECHO_PORT.to_bytes(2, "big"))
+    assert (await stream.receive_some(10))[1] == 0
+
+    istiod.stop()
+    await istiod.stopped.wait()
+    # Same root and node tokens on disk: the restarted control plane is the same mesh.
+    restarted = IstiodLite(istiod.config)
+    await nursery.start(restarted.run)
+    (manifests / "more.yaml").write_text(yaml.safe_dump(pod("late", f"{net}.13", "node-b")))
+    late_uid = "Kubernetes//Pod/demo/late"
+    with trio.fail_after(10):
+        while any(zt.state.current.workload_by_uid(late_uid) is None for zt in ztunnels.values()):
+            await trio.sleep(0.05)
+
+    # The connection opened before the restart still carries bytes.
+    await stream.send_all(b"still here")
+    with trio.fail_after(5):
+        assert await stream.receive_some(10) == b"still here"
+    await stream.aclose()
