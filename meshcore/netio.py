@@ -134,6 +134,15 @@ async def connect(
         if source is not None:
             sock.bind(source)
         tune(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return await connect_socket(sock, address)
+
+
+async def connect_socket(sock: socket.socket, address: tuple[str, int]) -> socket.socket:
+    """Connect a prepared non-blocking socket (e.g. one made inside a pod's netns); closes it on failure."""
+    try:
         try:
             sock.connect(address)
         except BlockingIOError:

@@ -42,6 +42,8 @@ from ztunnel.proxy.inbound import InboundHbone, InboundPlaintext
 from ztunnel.proxy.inputs import ProxyInputs
 from ztunnel.proxy.outbound import Outbound
 from ztunnel.proxy.socks5 import Socks5
+from ztunnel.proxy.sockets import SocketFactory
+from ztunnel.inpod.manager import InPodProxies
 from ztunnel.state.store import StateStore
 
 _log = get_logger("ztunnel")
@@ -99,13 +101,33 @@ class Ztunnel:
             connections=ConnectionManager(self.state),
             drain=self.drain,
             rng=random.Random(),
-            mark=usable_mark(),
+            mark=(mark := usable_mark()),
+            sockets=SocketFactory(mark),
         )
         self.outbound = Outbound(self.inputs)
         outbound_dial = self.outbound.dial
         self.inbound = InboundHbone(self.inputs)
         self.plaintext = InboundPlaintext(self.inputs)
         self.socks5 = Socks5(self.outbound)
+        self.inpod: InPodProxies | None = None
+        if config.inpod_socket is not None:
+            self.readiness = Readiness(pending=("state", "certificates", "proxy", "inpod snapshot"))
+            self.inpod = InPodProxies(
+                config.inpod_socket,
+                state=self.state,
+                sockets=self.inputs.sockets,
+                servers={
+                    port: server
+                    for port, server in (
+                        (config.ports.outbound, self.outbound),
+                        (config.ports.inbound_plaintext, self.plaintext),
+                        (config.ports.inbound, self.inbound),
+                    )
+                    if port
+                },
+                mark=mark,
+                on_snapshot=lambda: self.readiness.mark_ready("inpod snapshot"),
+            )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -136,19 +158,20 @@ class Ztunnel:
         config, mark = self.config, self.inputs.mark
         listeners: list[tuple[Any, socket.socket]] = []
         try:
-            for port, server, transparent in (
-                (config.ports.outbound, self.outbound, False),
-                (config.ports.socks5, self.socks5, False),
-                (config.ports.inbound_plaintext, self.plaintext, False),
-            ):
+            node_level = [(config.ports.socks5, self.socks5)]
+            if self.inpod is None:  # in-pod mode binds these inside each pod instead
+                node_level += [(config.ports.outbound, self.outbound), (config.ports.inbound_plaintext, self.plaintext)]
+            for port, server in node_level:
                 if port:
-                    listeners.append((server, netio.listen((config.address, port), mark=mark, transparent=transparent)))
+                    listeners.append((server, netio.listen((config.address, port), mark=mark)))
 
             async def accept_loops(connections: trio.Nursery) -> None:
                 async with trio.open_nursery() as loops:
                     for server, listener in listeners:
                         loops.start_soon(server.serve_listener, listener, connections)
-                    if config.ports.inbound:
+                    if self.inpod is not None:
+                        await loops.start(self.inpod.run, connections)
+                    elif config.ports.inbound:
                         await loops.start(self._inbound_listeners, connections)
                     task_status.started()
 

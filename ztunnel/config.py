@@ -10,6 +10,9 @@
     controlPlane: {address: "127.0.0.1:15012", rootCert: root-cert.pem, tokenFile: node-a.token}
     ports: {outbound: 15001, inboundPlaintext: 15006, inbound: 15008, socks5: 15080,
             metrics: 15020, readiness: 15021, admin: 15000}      # 0 disables a listener
+    # In-pod mode: the node agent hands over enrolled pods' netns on this ZDS socket, and
+    # 15001/15006/15008 are bound inside each pod instead of on the node address.
+    inpod: {socket: /var/run/ztunnel/ztunnel.sock}
     drainSeconds: 5
 
 Relative paths are relative to the config file. Errors name the file and the field.
@@ -33,7 +36,7 @@ DEFAULT_PORTS = {
     "readiness": 15021,
     "admin": 15000,
 }
-_TOP_LEVEL = ("node", "address", "trustDomain", "state", "ca", "controlPlane", "ports", "drainSeconds")
+_TOP_LEVEL = ("node", "address", "trustDomain", "state", "ca", "controlPlane", "ports", "drainSeconds", "inpod")
 
 
 class ConfigError(ValueError):
@@ -82,6 +85,7 @@ class ZtunnelConfig:
     trust_domain: str = "cluster.local"
     ports: Ports = field(default_factory=Ports)
     drain_seconds: float = 5.0
+    inpod_socket: Path | None = None  # in-pod mode when set
 
 
 def load_config(path: Path) -> ZtunnelConfig:
@@ -149,6 +153,9 @@ def parse_config(raw: Any, *, source: str, base: Path) -> ZtunnelConfig:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
             raise ConfigError(f"{source}: ports.{name}: expected a port number 0-65535, got {value!r}")
         ports[name] = value
+    inpod = raw.get("inpod")
+    if inpod is not None and (not isinstance(inpod, dict) or set(inpod) != {"socket"}):
+        raise ConfigError(f"{source}: inpod: expected {{socket: PATH}}, got {inpod!r}")
     drain = raw.get("drainSeconds", 5.0)
     if not isinstance(drain, (int, float)) or isinstance(drain, bool) or drain < 0:
         raise ConfigError(f"{source}: drainSeconds: expected a non-negative number, got {drain!r}")
@@ -167,4 +174,5 @@ def parse_config(raw: Any, *, source: str, base: Path) -> ZtunnelConfig:
             admin=ports["admin"],
         ),
         drain_seconds=float(drain),
+        inpod_socket=base / text("inpod.socket", inpod["socket"]) if inpod else None,
     )

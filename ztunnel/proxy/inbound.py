@@ -240,7 +240,8 @@ class InboundPlaintext:
 async def _connect_app(inputs: ProxyInputs, address: tuple[str, int]) -> socket.socket:
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
-            return await netio.connect(address, mark=inputs.mark)
+            # From inside the destination pod's netns when we hold it (in-pod mode).
+            return await inputs.sockets.connect_to_pod(address)
     except (OSError, trio.TooSlowError) as exc:
         raise UpstreamConnectFailed(f"connect to the application at {address[0]}:{address[1]} failed: {exc or 'timed out'}") from exc
 

@@ -11,6 +11,7 @@ from meshcore.identity.manager import CertificateManager
 from ztunnel.config import ZtunnelConfig
 from ztunnel.metrics import ZtunnelMetrics
 from ztunnel.proxy.connections import ConnectionManager
+from ztunnel.proxy.sockets import SocketFactory
 from ztunnel.state.store import StateStore
 
 CONNECT_TIMEOUT = 10.0  # facts §1: TCP connect timeout 10 s
@@ -29,3 +30,4 @@ class ProxyInputs:
     rng: random.Random
     # SO_MARK for every socket we create (None when the process may not set marks).
     mark: int | None
+    sockets: SocketFactory

@@ -8,7 +8,6 @@ speaks for the source workload's identity and accepts only the expected peer ide
 from __future__ import annotations
 
 import dataclasses
-import errno
 import ipaddress
 import os
 import socket
@@ -122,7 +121,7 @@ class Outbound:
         source_ip = str(request.source.addresses[0]) if request.source.addresses else None
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                upstream = await _connect_as(address, source_ip, self._in.mark)
+                upstream = await self._in.sockets.connect(address, source_ip=source_ip)
         except (OSError, trio.TooSlowError) as exc:
             raise UpstreamConnectFailed(f"connect to {address[0]}:{address[1]} failed: {exc or 'timed out'}") from exc
         recorder = self._in.metrics.connection(info)
@@ -184,7 +183,7 @@ class Outbound:
             raise IdentityFailure(str(exc)) from exc
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                sock = await _connect_as(address, key.source_ip, inputs.mark)
+                sock = await inputs.sockets.connect(address, source_ip=key.source_ip)
         except (OSError, trio.TooSlowError) as exc:
             raise UpstreamConnectFailed(f"connect to HBONE peer {address[0]}:{address[1]} failed: {exc or 'timed out'}") from exc
         try:
@@ -201,21 +200,6 @@ class Outbound:
         except (OSError, trio.TooSlowError) as exc:
             netio.close(sock)
             raise TlsFailure(f"TLS with HBONE peer {address[0]}:{address[1]} failed: {exc or 'timed out'}") from exc
-
-
-async def _connect_as(address: tuple[str, int], source_ip: str | None, mark: int | None) -> socket.socket:
-    """Connect from the source workload's IP, as traffic leaving its pod would.
-
-    Where that IP is not local to us (a node-level ztunnel without in-pod sockets), the
-    kernel picks the source instead.
-    """
-    if source_ip is not None:
-        try:
-            return await netio.connect(address, mark=mark, source=(source_ip, 0))
-        except OSError as exc:
-            if exc.errno != errno.EADDRNOTAVAIL:
-                raise
-    return await netio.connect(address, mark=mark)
 
 
 def _described(info: ConnectionInfo, request: OutboundRequest) -> ConnectionInfo:

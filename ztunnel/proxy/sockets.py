@@ -1,0 +1,56 @@
+"""ztunnel/proxy/sockets: where the ztunnel's upstream sockets are made.
+
+In in-pod mode every socket a pod's traffic leaves through is created inside that pod's
+network namespace, so it carries the pod's own IP and routes (facts §3); elsewhere (a node
+ztunnel on loopback) it is bound to the workload's IP when that IP is local, and the kernel
+chooses otherwise. All of them carry the mesh mark so capture rules let them through.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import trio
+
+from meshcore import netio
+from ztunnel.inpod.netns import connect_socket_in_netns
+
+
+class SocketFactory:
+    def __init__(self, mark: int | None) -> None:
+        self._mark = mark
+        self._netns_by_ip: dict[str, int] = {}
+
+    def register_pod(self, ips: list[str], netns_fd: int) -> None:
+        for ip in ips:
+            self._netns_by_ip[ip] = netns_fd
+
+    def unregister_pod(self, ips: list[str]) -> None:
+        for ip in ips:
+            self._netns_by_ip.pop(ip, None)
+
+    async def connect(self, address: tuple[str, int], *, source_ip: str | None) -> socket.socket:
+        """A connected non-blocking socket to `address`, leaving as `source_ip` where possible."""
+        if source_ip is not None and source_ip in self._netns_by_ip:
+            return await self._connect_in(self._netns_by_ip[source_ip], address)
+        if source_ip is not None:
+            try:
+                return await netio.connect(address, mark=self._mark, source=(source_ip, 0))
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+        return await netio.connect(address, mark=self._mark)
+
+    async def connect_to_pod(self, address: tuple[str, int]) -> socket.socket:
+        """Connect to a local pod's app: from inside its netns when we hold it (in-pod mode)."""
+        netns_fd = self._netns_by_ip.get(address[0])
+        if netns_fd is not None:
+            return await self._connect_in(netns_fd, address)
+        return await netio.connect(address, mark=self._mark)
+
+    async def _connect_in(self, netns_fd: int, address: tuple[str, int]) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        mark = self._mark if self._mark is not None else netio.MESH_MARK
+        sock = await trio.to_thread.run_sync(lambda: connect_socket_in_netns(netns_fd, family, mark=mark))
+        return await netio.connect_socket(sock, address)
