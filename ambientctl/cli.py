@@ -84,9 +84,11 @@ def mesh_services(run_dir: RunDir) -> tuple[list[ClusterService], list[NodeServi
     """The components `up` starts: cluster services once, then node services on every node.
 
     This is where the mesh joins the runtime (istiod_lite as a cluster service; ztunnel and
-    its node agent as node services); with none, `up` runs the plain cluster.
+    its node agent as node services); `--no-mesh` runs the plain cluster.
     """
-    return [], []
+    from ambientctl.mesh import IstiodService, ZtunnelService
+
+    return [IstiodService()], [ZtunnelService()]
 
 
 def default_run_dir() -> Path:

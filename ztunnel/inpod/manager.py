@@ -107,8 +107,7 @@ class InPodProxies:
         self._pods[uid] = pod
         self._sockets.register_pod(pod.ips, netns_fd)
         assert self._listeners is not None
-        for port, listener in zip(ports, listeners):
-            self._listeners.start_soon(self._serve, self._servers[port], listener, pod.scope)
+        self._listeners.start_soon(self._serve_pod, pod, [(self._servers[p], l) for p, l in zip(ports, listeners)])
         _log.info("pod captured", uid=uid, pod=f"{workload_info.namespace}/{workload_info.name}", ips=pod.ips)
 
     async def delete(self, uid: str) -> None:
@@ -130,13 +129,16 @@ class InPodProxies:
         os.close(pod.netns_fd)
         _log.info("pod released", uid=uid)
 
-    async def _serve(self, server: Any, listener: socket.socket, scope: trio.CancelScope) -> None:
+    async def _serve_pod(self, pod: _Pod, listeners: list[tuple[Any, socket.socket]]) -> None:
         try:
-            with scope:
+            with pod.scope:
                 assert self._connections is not None
-                await server.serve_listener(listener, self._connections)
+                async with trio.open_nursery() as nursery:
+                    for server, listener in listeners:
+                        nursery.start_soon(server.serve_listener, listener, self._connections)
         finally:
-            netio.close(listener)
+            for _, listener in listeners:
+                netio.close(listener)
 
     async def _wait_for_workload(self, info: WorkloadInfo) -> Workload:
         uid = f"Kubernetes//Pod/{info.namespace}/{info.name}"
