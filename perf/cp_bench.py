@@ -363,10 +363,14 @@ async def _serve_coordinator(conn: Connection, spec: WorkerSpec) -> None:
     from google.protobuf import struct_pb2
 
     from meshcore.log import configure_logging
+    from meshcore.xds import client as xds_client
     from meshcore.xds.client import DeltaXdsClient
     from meshcore.xds.types import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
 
     configure_logging("warning")
+    # grpc shares one connection among a process's channels to the same address (its global
+    # subchannel pool); each ztunnel has its own, so give every simulated one its own too.
+    xds_client._CHANNEL_OPTIONS += (("grpc.use_local_subchannel_pool", 1),)
     watch_holder: list[ChangeWatch | None] = [None]
     handlers = []
     clients = []

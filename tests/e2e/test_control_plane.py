@@ -36,6 +36,15 @@ def pod(name: str, ip: str, node: str, labels: dict | None = None) -> dict:
     }
 
 
+def _labels_of(zt, metric: str, label: str, value: str) -> dict:
+    """The full label set of the first `metric` series whose `label` is `value` ({} if none)."""
+    for family in zt.registry.collect():
+        for sample in family.samples:
+            if sample.name == metric and sample.labels.get(label) == value:
+                return sample.labels
+    return {"no": "such series"}
+
+
 async def socks5_roundtrip(socks: tuple[str, int], source_ip: str, target: tuple[str, int], payload: bytes) -> tuple[int, bytes]:
     sock = trio.socket.socket()
     await sock.bind((source_ip, 0))
@@ -104,6 +113,14 @@ async def test_traffic_flows_then_policy_denies_within_one_second(control_plane_
     # Through the Service VIP too: ztunnel A picks the endpoint from xDS state.
     status, echoed = await socks5_roundtrip(socks, f"{net}.11", (f"{net}.100", 80), b"via the VIP")
     assert (status, echoed) == (0, b"via the VIP")
+    # Both ends name the Service the client addressed (the destination learns it from `forwarded`).
+    for zt in ztunnels.values():
+        with trio.fail_after(5):
+            while not zt.registry.get_sample_value(
+                "istio_tcp_connections_opened_total",
+                {**_labels_of(zt, "istio_tcp_connections_opened_total", "destination_service", "server.demo.svc.cluster.local")},
+            ):
+                await trio.sleep(0.05)
 
     (manifests / "deny.yaml").write_text(yaml.safe_dump({
         "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",

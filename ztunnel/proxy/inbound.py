@@ -138,7 +138,12 @@ class InboundHbone:
                     f"CONNECT {request.authority} arrived on {conn.local_address[0]}: a tunnel may only target the pod it was dialed on"
                 )
             workload, ip, port = inbound_destination(state, request.authority, inputs.config.node)
-            info = dataclasses.replace(info, destination_workload=workload, dst_addr=(str(ip), port))
+            info = dataclasses.replace(
+                info,
+                destination_workload=workload,
+                destination_service=_forwarded_service(state, request.header("forwarded")),
+                dst_addr=(str(ip), port),
+            )
             if port in inputs.config.ports.own:
                 raise SelfCall(f"CONNECT {request.authority} targets ztunnel's own port {port}")
             attributes = ConnectionAttributes(src_ip=peer_ip, dst_ip=ip, dst_port=port, src_identity=conn.peer_identity)
@@ -249,6 +254,19 @@ async def _connect_app(inputs: ProxyInputs, address: tuple[str, int]) -> socket.
 async def _goaway_on_drain(inputs: ProxyInputs, conn: TunnelConnection) -> None:
     await inputs.drain.wait_started()
     conn.goaway()
+
+
+def _forwarded_service(state, forwarded: str | None):
+    """The Service the client addressed, from `forwarded: for="...";host=<fqdn>` (metrics only)."""
+    if not forwarded:
+        return None
+    for part in forwarded.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "host" and value:
+            host = value.strip('"')
+            labels = host.split(".")
+            return state.service_by_key(f"{labels[1]}/{host}") if len(labels) > 1 else None
+    return None
 
 
 def _handshake_error(exc: BaseException) -> ProxyError:
