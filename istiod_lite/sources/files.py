@@ -58,7 +58,11 @@ class _InvalidDocument(Exception):
     """A YAML document that is not a usable Kubernetes object; the message says why."""
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's parser when PyYAML has it: 8x faster than the pure-Python one on large files.
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
     """SafeLoader that keeps timestamps as strings, as Kubernetes' YAML-to-JSON does, so
     objects from files are plain JSON values like the API server's."""
 
@@ -354,10 +358,11 @@ def _object(document: Any) -> tuple[_Key, Mapping[str, Any]] | None:
 def _diff(
     before: Mapping[_Key, Mapping[str, Any]], after: Mapping[_Key, Mapping[str, Any]]
 ) -> list[ObjectEvent]:
+    # Objects of unchanged files are the very same dicts: `is` skips comparing them.
     events = [
         ObjectEvent(key[0], "upsert", key[1], key[2], obj)
         for key, obj in after.items()
-        if before.get(key) != obj
+        if (previous := before.get(key)) is not obj and previous != obj
     ]
     events += [
         ObjectEvent(key[0], "delete", key[1], key[2], None) for key in before if key not in after

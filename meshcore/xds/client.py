@@ -55,6 +55,9 @@ _CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     # Notice a control plane that vanished without closing (istiod_lite accepts pings >= 15 s).
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # One connection per client: grpc would otherwise multiplex every channel of the process
+    # to one address over a single TCP connection (the control-plane benchmark runs 100).
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 _log = get_logger("xds")

@@ -1,0 +1,418 @@
+"""waypoint/http1: HTTP/1.1 inside a tunnel, with h11 - the downstream server and the upstream client.
+
+Server (after h11's examples/trio-server.py): one request at a time per connection,
+keep-alive between them. `handler(request, respond)` gets each request with a streaming body
+and answers by awaiting `respond(response)` once; the response body streams out as it is
+read. What a client can get wrong costs that client only:
+
+- an idle connection is closed quietly after `idle_timeout`; once a request's first byte has
+  arrived its head must be complete within `header_timeout`, else 408 and close (slow loris);
+- a head larger than `max_header_bytes` gets 431; malformed requests get h11's status (400,
+  505); Content-Length together with Transfer-Encoding gets 400 (request smuggling: h11
+  would silently prefer chunked, a backend might not);
+- a body larger than `max_body_bytes` fails the body read with 413;
+- a request body the handler did not read is drained (bounded) so the connection can be
+  reused, or the connection is closed.
+
+Client: `Http1ClientConnection` sends one request at a time over an upstream stream and
+reports, once a response body has been read to its end, whether the connection can carry
+another request (both sides done, no `Connection: close`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+import h11
+import trio
+
+from meshcore.log import get_logger
+from waypoint.messages import (
+    BodyError,
+    BufferedBody,
+    Headers,
+    Request,
+    Response,
+    local_reply,
+    without_hop_by_hop,
+)
+from waypoint.settings import HttpLimits
+
+RECEIVE_SIZE = 64 * 1024
+# After the response, how much of an unread request body we read and discard to keep the
+# connection, and for how long; beyond that closing is cheaper.
+DRAIN_LIMIT_BYTES = 256 * 1024
+DRAIN_SECONDS = 1.0
+# After an error response, how long we read and discard what the client still sends, so
+# that closing does not reset the connection before the client has read our answer.
+CLOSE_LINGER_SECONDS = 1.0
+
+Respond = Callable[[Response], Awaitable[None]]
+Handler = Callable[[Request, Respond], Awaitable[None]]
+
+_log = get_logger("http1")
+
+
+class _HeadTimeout(Exception):
+    """A request head started but did not complete within header_timeout."""
+
+
+# --- server ---
+
+
+async def serve_http1(stream: trio.abc.Stream, handler: Handler, limits: HttpLimits, *, initial: bytes = b"") -> None:
+    """Serve HTTP/1.1 requests on `stream` until the client or an error closes it.
+
+    `initial` is data already read from the stream (by protocol detection). Never raises for
+    what the client does; closes nothing but leaves `stream` for the caller to close.
+    """
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+    if initial:
+        conn.receive_data(initial)
+    try:
+        while True:
+            try:
+                head = await _receive_head(stream, conn, limits)
+            except _HeadTimeout:
+                await _refuse(stream, conn, 408, f"request headers not received within {limits.header_timeout:g} s")
+                return
+            except h11.RemoteProtocolError as exc:
+                await _refuse(stream, conn, exc.error_status_hint, f"bad request: {exc}")
+                return
+            if head is None:
+                return
+            problem = _framing_problem(head, limits)
+            if problem is not None:
+                await _refuse(stream, conn, *problem)
+                return
+            exchange = _ServerExchange(stream, conn, head, limits)
+            try:
+                await handler(exchange.request, exchange.respond)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            except Exception:
+                _log.exception("http handler failed", method=exchange.request.method, target=exchange.request.target)
+                if exchange.started:
+                    return  # half a response went out: only closing tells the client
+                await exchange.respond(local_reply(500, "internal error, see the waypoint log\n"))
+            if not exchange.started:
+                await exchange.respond(local_reply(500, "no response was produced\n"))
+            if not exchange.completed or not await _drain_request(stream, conn):
+                return
+            conn.start_next_cycle()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return  # the client went away mid-exchange
+
+
+async def _receive_head(stream: trio.abc.Stream, conn: h11.Connection, limits: HttpLimits) -> h11.Request | None:
+    """The next request head; None when the client closed or idled out between requests."""
+    deadline: float | None = None
+    while True:
+        event = conn.next_event()
+        if isinstance(event, h11.Request):
+            return event
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        if event is not h11.NEED_DATA:
+            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} before a request", error_status_hint=400)
+        if deadline is None and not conn.trailing_data[0]:
+            with trio.move_on_after(limits.idle_timeout):
+                data = await stream.receive_some(RECEIVE_SIZE)
+                conn.receive_data(data)
+                deadline = trio.current_time() + limits.header_timeout
+                continue
+            return None  # idle keep-alive connection
+        if deadline is None:
+            deadline = trio.current_time() + limits.header_timeout
+        with trio.move_on_at(deadline):
+            conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+            continue
+        raise _HeadTimeout()
+
+
+def _framing_problem(head: h11.Request, limits: HttpLimits) -> tuple[int, str] | None:
+    """(status, reason) for a head we refuse although h11 parsed it."""
+    names = {name for name, _ in head.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return 400, "bad request: both Content-Length and Transfer-Encoding are set"
+    # h11 bounds only heads that arrive in pieces; one that came in a single read is checked here.
+    size = len(head.method) + len(head.target) + sum(len(n) + len(v) + 4 for n, v in head.headers)
+    if size > limits.max_header_bytes:
+        return 431, f"request headers larger than {limits.max_header_bytes} bytes"
+    return None
+
+
+def _request_from_head(head: h11.Request) -> tuple[str, str, str, Headers]:
+    """(authority, target, scheme, headers) of an h11 request head."""
+    target = head.target.decode("latin-1")
+    host = ""
+    headers: list[tuple[str, str]] = []
+    for name, value in head.headers:
+        key = name.decode("latin-1")
+        if key == "host":
+            host = host or value.decode("latin-1")
+        elif key != "expect":  # we answer 100-continue ourselves
+            headers.append((key, value.decode("latin-1")))
+    scheme = "http"
+    for prefix in ("http://", "https://"):
+        if target.lower().startswith(prefix):  # absolute-form: the target names the authority
+            scheme = prefix[:-3]
+            authority, slash, rest = target[len(prefix) :].partition("/")
+            host, target = authority or host, slash + rest or "/"
+            break
+    return host, target, scheme, without_hop_by_hop(tuple(headers))
+
+
+class _ServerRequestBody:
+    """The request body, read from the connection as the pipeline asks for it."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: h11.Connection, limits: HttpLimits) -> None:
+        self._stream = stream
+        self._conn = conn
+        self._limit = limits.max_body_bytes
+        self._received = 0
+        self._trailers: Headers = ()
+        self._ended = False
+
+    @property
+    def trailers(self) -> Headers:
+        return self._trailers
+
+    async def read(self) -> bytes:
+        conn = self._conn
+        while not self._ended:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BodyError(f"malformed request body: {exc}", status=400) from exc
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    await self._stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+            elif isinstance(event, h11.Data):
+                self._received += len(event.data)
+                if self._received > self._limit:
+                    raise BodyError(f"request body larger than {self._limit} bytes", status=413)
+                if event.data:
+                    return bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._ended = True
+                self._trailers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers)
+            else:  # ConnectionClosed mid-body is reported by h11 as an error; anything else is a bug
+                raise BodyError(f"request body ended by {type(event).__name__}", status=400)
+        return b""
+
+
+class _ServerExchange:
+    """One request and the single response to it."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: h11.Connection, head: h11.Request, limits: HttpLimits) -> None:
+        self._stream = stream
+        self._conn = conn
+        authority, target, scheme, headers = _request_from_head(head)
+        self.request = Request(
+            method=head.method.decode("latin-1"),
+            authority=authority,
+            target=target,
+            headers=headers,
+            body=_ServerRequestBody(stream, conn, limits),
+            protocol=f"HTTP/{head.http_version.decode('latin-1')}",
+            scheme=scheme,
+        )
+        self.started = False
+        self.completed = False
+
+    async def respond(self, response: Response) -> None:
+        """Write `response`; raises BodyError if its body broke (the connection is then
+        unusable), trio.BrokenResourceError if the client went away."""
+        if self.started:
+            raise RuntimeError("respond() called twice for one request")
+        self.started = True
+        conn, stream = self._conn, self._stream
+        headers = without_hop_by_hop(response.headers)
+        chunked = not any(name == "content-length" for name, _ in headers)
+        await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=list(headers), reason=_reason(response.status))))
+        body = response.body
+        while chunk := await body.read():
+            if self.request.method != "HEAD":
+                await stream.send_all(conn.send(h11.Data(data=chunk)))
+        # Trailers exist only in chunked framing; a length-framed response drops them.
+        trailers = list(body.trailers) if chunked and conn.our_state is h11.SEND_BODY else []
+        await stream.send_all(conn.send(h11.EndOfMessage(headers=trailers)))
+        self.completed = conn.our_state is h11.DONE
+
+
+async def _drain_request(stream: trio.abc.Stream, conn: h11.Connection) -> bool:
+    """Read away what is left of the request; True if the connection can be reused."""
+    if conn.our_state is not h11.DONE:
+        return False
+    discarded = 0
+    with trio.move_on_after(DRAIN_SECONDS):
+        while conn.their_state is h11.SEND_BODY:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    return False  # the client will not send a body we did not ask for
+                data = await stream.receive_some(RECEIVE_SIZE)
+                discarded += len(data)
+                if discarded > DRAIN_LIMIT_BYTES:
+                    return False
+                conn.receive_data(data)
+    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+
+async def _refuse(stream: trio.abc.Stream, conn: h11.Connection, status: int, reason: str) -> None:
+    """Answer a request we will not serve, then close the connection."""
+    _log.info("http request refused", status=status, reason=reason)
+    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        body = f"{reason}\n".encode()
+        try:
+            data = conn.send(
+                h11.Response(
+                    status_code=status,
+                    reason=_reason(status),
+                    headers=[("content-type", "text/plain"), ("content-length", str(len(body))), ("connection", "close")],
+                )
+            )
+            data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+    await close_gracefully(stream)
+
+
+async def close_gracefully(stream: trio.abc.Stream) -> None:
+    """Half-close and read away what the peer still sends, briefly, so it sees our answer."""
+    with trio.move_on_after(CLOSE_LINGER_SECONDS):
+        try:
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            while await stream.receive_some(RECEIVE_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+# --- client ---
+
+
+class Http1ClientConnection:
+    """One upstream HTTP/1.1 connection carrying one request at a time.
+
+    `on_idle(self)` is called when a response has been read to its end and the connection
+    can carry another request; otherwise the connection closes itself.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        max_header_bytes: int = 64 * 1024,
+        on_idle: Callable[[Http1ClientConnection], None] = lambda conn: None,
+    ) -> None:
+        self._stream = stream
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+        self._on_idle = on_idle
+        self.requests_sent = 0
+        self.closed = False
+
+    async def send(self, request: Request) -> Response:
+        """Send `request` (its body streamed), return the response once its head arrived.
+
+        Raises trio.BrokenResourceError / ClosedResourceError if the connection failed,
+        h11.ProtocolError for a malformed response, BodyError if the request body broke.
+        """
+        conn = self._conn
+        self.requests_sent += 1
+        try:
+            headers = [("host", request.authority), *without_hop_by_hop(request.headers)]
+            has_length = any(name == "content-length" for name, _ in headers)
+            # A body of unknown length needs chunked framing; peeking tells "no body" apart.
+            first = await request.body.read()
+            if first and not has_length:
+                headers.append(("transfer-encoding", "chunked"))
+            await self._stream.send_all(conn.send(h11.Request(method=request.method, target=request.target, headers=headers)))
+            chunk = first
+            while chunk:
+                await self._stream.send_all(conn.send(h11.Data(data=chunk)))
+                chunk = await request.body.read()
+            await self._stream.send_all(conn.send(h11.EndOfMessage()))
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+                elif isinstance(event, h11.Response):
+                    break
+                elif isinstance(event, h11.InformationalResponse):
+                    continue  # 100 Continue and friends: the final answer follows
+                else:
+                    raise h11.RemoteProtocolError(f"upstream sent {type(event).__name__} instead of a response", error_status_hint=502)
+        except BaseException:
+            await self.aclose()
+            raise
+        headers_out = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers)
+        return Response(event.status_code, without_hop_by_hop(headers_out), _ClientResponseBody(self))
+
+    async def _read_body(self) -> bytes | h11.EndOfMessage:
+        conn = self._conn
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+                elif isinstance(event, h11.Data):
+                    if event.data:
+                        return bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                        conn.start_next_cycle()
+                        self._on_idle(self)
+                    else:  # Connection: close, or an HTTP/1.0 peer
+                        await self.aclose()
+                    return event
+                else:
+                    raise BodyError(f"upstream response body ended by {type(event).__name__}")
+        except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await self.aclose()
+            raise BodyError(f"upstream response body broke: {exc}") from exc
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._stream)
+
+
+class _ClientResponseBody:
+    def __init__(self, connection: Http1ClientConnection) -> None:
+        self._connection = connection
+        self._trailers: Headers = ()
+        self._ended = False
+
+    @property
+    def trailers(self) -> Headers:
+        return self._trailers
+
+    async def read(self) -> bytes:
+        if self._ended:
+            return b""
+        result = await self._connection._read_body()
+        if isinstance(result, h11.EndOfMessage):
+            self._ended = True
+            self._trailers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in result.headers)
+            return b""
+        return result
