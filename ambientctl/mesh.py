@@ -32,6 +32,7 @@ _log = get_logger("ambientctl")
 DATAPLANE_MODE = "istio.io/dataplane-mode"
 ISTIOD_ADDRESS = str(ROUTER_LINK_ADDRESS)
 READY_TIMEOUT = 30.0
+RESTART_DELAY = 1.0
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -110,13 +111,20 @@ class ZtunnelService:
         async with trio.open_nursery() as nursery:
             await nursery.start(agent.run)
             argv = [sys.executable, "-m", "ztunnel", "--config", str(config)]
-            nursery.start_soon(lambda: node.run_process(self.name, argv, cwd=REPO))
+            nursery.start_soon(self._keep_running, node, argv)
             await wait_http_ok(f"http://{address}:15021/healthz/ready", f"ztunnel on {node.name}")
             task_status.started([
                 f"ztunnel {node.name}: metrics http://{address}:15020/metrics, ready http://{address}:15021/healthz/ready, "
                 f"log {node.run_dir.service_log(node.name, self.name)}"
             ])
             await self._enrol(node, agent)
+
+    async def _keep_running(self, node: NodeContext, argv: list[str]) -> None:
+        """Like a DaemonSet: a ztunnel that exits is started again; the agent replays its pods."""
+        while True:
+            status = await node.run_process(self.name, argv, cwd=REPO)
+            _log.warning("ztunnel exited; restarting it", node=node.name, status=status)
+            await trio.sleep(RESTART_DELAY)
 
     async def _enrol(self, node: NodeContext, agent: NodeAgent) -> None:
         """Keep the agent's enrolled set equal to the node's captured pods."""

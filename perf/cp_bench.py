@@ -55,7 +55,6 @@ from meshcore.testing.procs import (  # noqa: E402
     start_process,
     wait_for_http_ok,
 )
-from meshcore.xds import client as xds_client  # noqa: E402
 from meshcore.xds.client import DeltaXdsClient, Upsert  # noqa: E402
 from meshcore.xds.types import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL  # noqa: E402
 from ztunnel.state.store import StateStore  # noqa: E402

@@ -203,6 +203,9 @@ class _ServerRequestBody:
                 raise BodyError(f"request body ended by {type(event).__name__}", status=400)
         return b""
 
+    async def aclose(self) -> None:
+        """Nothing to do: what the handler left unread is drained after the response."""
+
 
 class _ServerExchange:
     """One request and the single response to it."""
@@ -416,3 +419,9 @@ class _ClientResponseBody:
             self._trailers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in result.headers)
             return b""
         return result
+
+    async def aclose(self) -> None:
+        """A response abandoned before its end leaves the connection mid-message: close it."""
+        if not self._ended:
+            self._ended = True
+            await self._connection.aclose()

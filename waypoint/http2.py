@@ -235,8 +235,12 @@ class _H2Peer:
             st.reset_code = code
             self._wake()
 
-    def _release(self, st: _StreamState) -> None:
-        """Forget a stream; its unread data goes back to the connection window."""
+    def _release(self, st: _StreamState, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Forget a stream: reset it with `code` if it is still open (the peer stops
+        sending, a body pump still waiting for window gives up) and return its unread data
+        to the connection window."""
+        self._reset(st, code)
+        st.writable.set()
         self._streams.pop(st.stream_id, None)
         unread = sum(length for _, length in st.inbox)
         st.inbox.clear()
@@ -246,7 +250,8 @@ class _H2Peer:
 
 
 class _StreamBody:
-    """A received body on one HTTP/2 stream."""
+    """A received body on one HTTP/2 stream (a request body on the server: its stream is
+    released when the handler ends, so `aclose` has nothing to do)."""
 
     def __init__(self, peer: _H2Peer, st: _StreamState, limit: int | None, *, on_done: Callable[[], None] = lambda: None) -> None:
         self._peer = peer
@@ -263,6 +268,9 @@ class _StreamBody:
         if not data:
             self._on_done()
         return data
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
 
 
 # --- server ---
@@ -384,11 +392,12 @@ class _H2Server(_H2Peer):
         self._h2.send_headers(st.stream_id, _encode(headers))
         self._h2.send_data(st.stream_id, body, end_stream=True)
         st.response_complete = True
-        self._reset(st, h2.errors.ErrorCodes.NO_ERROR) if not st.ended else None
-        self._release(st)
-        self._wake()
+        self._release(st, h2.errors.ErrorCodes.NO_ERROR)
 
     async def _serve_stream(self, st: _StreamState, request: Request) -> None:
+        if st.reset_code is not None:  # reset before its handler ran
+            self._release(st)
+            return
         started = False
 
         async def respond(response: Response) -> None:
@@ -422,9 +431,7 @@ class _H2Server(_H2Peer):
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            if not st.response_complete:
-                self._reset(st, h2.errors.ErrorCodes.CANCEL)
-            self._release(st)
+            self._release(st, h2.errors.ErrorCodes.NO_ERROR if st.response_complete else h2.errors.ErrorCodes.CANCEL)
 
     def _on_reset(self, st: _StreamState) -> None:
         if st.scope is not None:
@@ -556,7 +563,6 @@ class Http2ClientConnection(_H2Peer):
                 st.readable = trio.Event()
                 await st.readable.wait()
         except BaseException:
-            self._reset(st)
             self._release(st)
             raise
         status = 0
@@ -597,8 +603,6 @@ class _ClientBody(_StreamBody):
             raise
 
     async def aclose(self) -> None:
-        if not (self._st.ended and not self._st.inbox):
-            self._peer._reset(self._st)
         self._peer._release(self._st)
         await trio.lowlevel.checkpoint()
 

@@ -45,6 +45,10 @@ class Body(Protocol):
         """Trailers, valid after `read()` returned b""."""
         ...
 
+    async def aclose(self) -> None:
+        """Stop reading: an upstream body not read to its end gives its connection up."""
+        ...
+
 
 class BodyError(Exception):
     """A body could not be read to its end (the peer reset it, or it broke a limit).
@@ -72,6 +76,9 @@ class BufferedBody:
     @property
     def trailers(self) -> Headers:
         return self._trailers
+
+    async def aclose(self) -> None:
+        self._data = b""
 
 
 @dataclass(frozen=True, slots=True)

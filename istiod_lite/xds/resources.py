@@ -11,8 +11,14 @@ Versions are a short hash of the deterministic serialization, so a resource that
 and forth keeps its versions stable across istiod_lite restarts and a reconnecting proxy's
 `initial_resource_versions` can be compared directly.
 
+Visibility: a resource may carry an audience, the waypoint keys ("<ns>/<name>") of the streams
+allowed to see it (a waypoint sees only the config of the services bound to it). Resources
+without one (every ztunnel resource) are visible to every stream. A change of audience alone is
+a change: streams that lost sight of a resource are sent its removal, those that gained it the
+resource.
+
 Pure (no trio, no grpc): `stage` validates and encodes; `ResourceStore.commit` swaps staged
-entries in and reports which names changed.
+entries in and reports which names changed and for whom.
 """
 
 from __future__ import annotations
@@ -27,9 +33,17 @@ from google.protobuf.message import Message
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
 
-# What `XdsServer.apply` takes: type URL -> (upserts by name, names removed).
-# istiod_lite.model's ResourceDelta (type URL -> TypeDelta(upserts, removals)) is one.
-ResourceChanges = Mapping[str, tuple[Mapping[str, Message], Set[str]]]
+# The waypoint keys ("<ns>/<name>") allowed to see a resource; None: every stream.
+Audience = frozenset[str] | None
+
+# What `XdsServer.apply` takes: type URL -> (upserts by name, names removed) or (upserts, names
+# removed, audiences by name of the upserts that are not visible to everyone).
+# istiod_lite.model's ResourceDelta (type URL -> TypeDelta(upserts, removals, audiences)) is one.
+TypeChanges = (
+    tuple[Mapping[str, Message], Set[str]]
+    | tuple[Mapping[str, Message], Set[str], Mapping[str, frozenset[str]]]
+)
+ResourceChanges = Mapping[str, TypeChanges]
 
 # name -> the new entry, or None for a removal; per type URL.
 StagedChanges = dict[str, dict[str, "StoredResource | None"]]
@@ -41,6 +55,11 @@ class StoredResource:
 
     version: str
     encoded: bytes  # a serialized DeltaDiscoveryResponse holding just this resource
+    audience: Audience = None
+
+    def visible_to(self, viewer: str | None) -> bool:
+        """Whether a stream of waypoint `viewer` (None: not a waypoint) may see this resource."""
+        return self.audience is None or viewer in self.audience
 
 
 def resource_version(serialized: bytes) -> str:
@@ -48,7 +67,9 @@ def resource_version(serialized: bytes) -> str:
     return hashlib.blake2b(serialized, digest_size=8).hexdigest()
 
 
-def encode_resource(type_url: str, name: str, message: Message) -> StoredResource:
+def encode_resource(
+    type_url: str, name: str, message: Message, audience: Audience = None
+) -> StoredResource:
     """Wrap `message` into a Resource for `type_url`; ValueError if it is of another type."""
     message_type_url = TYPE_URL_PREFIX + message.DESCRIPTOR.full_name
     if message_type_url != type_url:
@@ -61,7 +82,7 @@ def encode_resource(type_url: str, name: str, message: Message) -> StoredResourc
         name=name, version=version, resource=any_pb2.Any(type_url=type_url, value=serialized)
     )
     entry = discovery_pb2.DeltaDiscoveryResponse(resources=[resource])
-    return StoredResource(version=version, encoded=entry.SerializeToString())
+    return StoredResource(version=version, encoded=entry.SerializeToString(), audience=audience)
 
 
 def encode_response(
@@ -81,13 +102,15 @@ def stage(changes: ResourceChanges, served_type_urls: Set[str], staged: StagedCh
     if a type is not served or a message is not of its type.
     """
     encoded: StagedChanges = {}
-    for type_url, (upserts, removals) in changes.items():
+    for type_url, type_changes in changes.items():
         if type_url not in served_type_urls:
             served = ", ".join(sorted(served_type_urls))
             raise ValueError(f"type URL {type_url} is not served (served: {served})")
+        upserts, removals = type_changes[0], type_changes[1]
+        audiences = type_changes[2] if len(type_changes) > 2 else {}
         entries: dict[str, StoredResource | None] = dict.fromkeys(removals)
         for name, message in upserts.items():
-            entries[name] = encode_resource(type_url, name, message)
+            entries[name] = encode_resource(type_url, name, message, audiences.get(name))
         encoded[type_url] = entries
     for type_url, entries in encoded.items():
         staged.setdefault(type_url, {}).update(entries)
@@ -113,21 +136,34 @@ class ResourceStore:
     def get(self, type_url: str, name: str) -> StoredResource | None:
         return self._resources.get(type_url, {}).get(name)
 
-    def commit(self, staged: StagedChanges) -> dict[str, set[str]]:
-        """Apply staged changes; returns, per type URL, the names whose version changed."""
-        changed: dict[str, set[str]] = {}
+    def commit(self, staged: StagedChanges) -> dict[str, dict[str, Audience]]:
+        """Apply staged changes; returns, per type URL, the names whose version or audience
+        changed, each with the streams concerned: the old and new audiences together (None:
+        every stream)."""
+        changed: dict[str, dict[str, Audience]] = {}
         for type_url, entries in staged.items():
             current = self._resources[type_url]
-            names = set()
+            concerned: dict[str, Audience] = {}
             for name, entry in entries.items():
                 previous = current.get(name)
                 if entry is None:
                     if previous is not None:
                         del current[name]
-                        names.add(name)
-                elif previous is None or previous.version != entry.version:
+                        concerned[name] = previous.audience
+                elif (
+                    previous is None
+                    or previous.version != entry.version
+                    or previous.audience != entry.audience
+                ):
                     current[name] = entry
-                    names.add(name)
-            if names:
-                changed[type_url] = names
+                    before = previous.audience if previous is not None else frozenset()
+                    concerned[name] = _union(before, entry.audience)
+            if concerned:
+                changed[type_url] = concerned
         return changed
+
+
+def _union(old: Audience, new: Audience) -> Audience:
+    if old is None or new is None:
+        return None
+    return old | new

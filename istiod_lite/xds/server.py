@@ -15,8 +15,10 @@ store, the sessions, `apply`) lives in the trio thread, so nothing here takes a 
 Push path: `apply` encodes the changed resources at once (errors reach the caller) and stages
 them. The push loop waits `DEBOUNCE_SECONDS` after the first staged change, commits everything
 staged meanwhile to the store and tells only the streams subscribed to each changed type which
-names changed (a wildcard stream takes them all, a named one the intersection): the work per
-change is proportional to the streams that can see it. Each stream's sender then builds its
+names changed (a wildcard stream takes them all, a named one the intersection). A resource with
+an audience (waypoint config: see `resources.py`) is announced only to the streams of the
+waypoints in its old or new audience, found by index: the work per change is proportional to
+the streams that can see it. Each stream's sender then builds its
 response from the store's shared bytes (see `resources.py`) and `session.py`'s flow control
 keeps at most one unacknowledged response per type and stream. Large responses (full syncs)
 are written at most `MAX_LARGE_RESPONSES` at a time, so a crowd of (re)connecting proxies costs
@@ -38,7 +40,14 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from meshcore.log import get_logger
 from meshcore.xds.grpc_bridge import BidiStream, RpcStatusError, StreamServicerBridge
-from meshcore.xds.types import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
+from meshcore.xds.types import (
+    ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
+    CLUSTER_TYPE_URL,
+    ENDPOINT_TYPE_URL,
+    LISTENER_TYPE_URL,
+    ROUTE_TYPE_URL,
+)
 from istiod_lite.grpcserver import GrpcServer
 from istiod_lite.xds.resources import ResourceChanges, ResourceStore, StagedChanges, stage
 from istiod_lite.xds.session import (
@@ -61,6 +70,16 @@ MAX_LARGE_RESPONSES = 4
 LARGE_RESPONSE_WRITE_TIMEOUT_SECONDS = 30.0
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+# What istiod_lite serves: ztunnel resources, and waypoint config as Envoy's own types.
+SERVED_TYPE_URLS = (
+    ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
+    LISTENER_TYPE_URL,
+    ROUTE_TYPE_URL,
+    CLUSTER_TYPE_URL,
+    ENDPOINT_TYPE_URL,
+)
 
 _log = get_logger("xds")
 
@@ -98,7 +117,7 @@ class XdsServer:
         self,
         *,
         registry: prometheus_client.CollectorRegistry,
-        type_urls: Iterable[str] = (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL),
+        type_urls: Iterable[str] = SERVED_TYPE_URLS,
         debounce: float = DEBOUNCE_SECONDS,
     ) -> None:
         self._store = ResourceStore(type_urls)
@@ -108,6 +127,8 @@ class XdsServer:
         self._ready = False
         self._streams: set[_Stream] = set()
         self._subscribers: dict[str, set[_Stream]] = {}
+        # (type URL, waypoint key) -> the subscribed streams of that waypoint.
+        self._viewers: dict[tuple[str, str], set[_Stream]] = {}
         self._bridge = StreamServicerBridge(self._serve_stream)
         self._large_responses = trio.Semaphore(MAX_LARGE_RESPONSES)
         self._pushes = 0
@@ -207,10 +228,25 @@ class XdsServer:
 
     def _flush(self) -> None:
         staged, self._staged = self._staged, {}
-        for type_url, names in self._store.commit(staged).items():
-            for stream in self._subscribers.get(type_url, ()):
-                if stream.session.resources_changed(type_url, names):
-                    stream.wake()
+        for type_url, concerned in self._store.commit(staged).items():
+            public: set[str] = set()
+            by_viewer: dict[str, set[str]] = {}
+            for name, audience in concerned.items():
+                if audience is None:
+                    public.add(name)
+                else:
+                    for viewer in audience:
+                        by_viewer.setdefault(viewer, set()).add(name)
+            if public:
+                self._announce(self._subscribers.get(type_url, ()), type_url, public)
+            for viewer, names in by_viewer.items():
+                self._announce(self._viewers.get((type_url, viewer), ()), type_url, names)
+
+    @staticmethod
+    def _announce(streams: Iterable[_Stream], type_url: str, names: set[str]) -> None:
+        for stream in streams:
+            if stream.session.resources_changed(type_url, names):
+                stream.wake()
 
     async def _serve_stream(
         self, stream: BidiStream[discovery_pb2.DeltaDiscoveryRequest, bytes], peer: str
@@ -233,6 +269,11 @@ class XdsServer:
             self._streams.discard(entry)
             for subscribers in self._subscribers.values():
                 subscribers.discard(entry)
+            viewer = entry.session.viewer
+            for key in [key for key in self._viewers if key[1] == viewer]:
+                self._viewers[key].discard(entry)
+                if not self._viewers[key]:
+                    del self._viewers[key]
             self._connected_gauge.dec()
             _log.info("xds stream closed", node=entry.session.node_id, peer=peer)
 
@@ -248,11 +289,20 @@ class XdsServer:
             )
             raise RpcStatusError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if first:
-            _log.info("xds stream opened", node=entry.session.node_id, peer=entry.peer)
+            _log.info(
+                "xds stream opened",
+                node=entry.session.node_id,
+                waypoint=entry.session.viewer,
+                peer=entry.peer,
+            )
         for event in events:
             match event:
                 case Subscribed(type_url=type_url, served=served):
                     self._subscribers.setdefault(type_url, set()).add(entry)
+                    if entry.session.viewer is not None:
+                        self._viewers.setdefault((type_url, entry.session.viewer), set()).add(
+                            entry
+                        )
                     if not served:
                         self._rejected_counter.labels("unknown_type_url").inc()
                         _log.warning(

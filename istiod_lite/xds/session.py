@@ -27,19 +27,27 @@ and never makes the server queue more than one set of names per type.
 
 NACK: reported as an event; nothing is resent. The client keeps its last good state, and the
 rejected version is not sent again unless that resource changes (or is subscribed again).
+
+Visibility: a waypoint's stream names its waypoint ("<ns>/<name>") in the node metadata
+`WAYPOINT` of its first request; that is the stream's `viewer`. It sees only resources whose
+audience includes it (plus those visible to all); to every other stream a resource it may not
+see does not exist: a wildcard never covers it and a subscription to its name is answered with
+its removal.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from istiod_lite.xds.resources import ResourceStore, encode_response
+from istiod_lite.xds.resources import ResourceStore, StoredResource, encode_response
 
 WILDCARD = "*"
+# The node metadata key by which a waypoint's stream says which waypoint it is ("<ns>/<name>").
+WAYPOINT_METADATA_KEY = "WAYPOINT"
 
 
 class XdsRequestError(Exception):
@@ -116,6 +124,8 @@ class DeltaSession:
         self._types: dict[str, _TypeState] = {}
         self._nonces = itertools.count(1)
         self.node_id = ""
+        # The waypoint key this stream sees resources for; None for any other proxy.
+        self.viewer: str | None = None
 
     def receive(self, request: discovery_pb2.DeltaDiscoveryRequest) -> list[SessionEvent]:
         """Apply one request; raises XdsRequestError (state unchanged) if it is malformed."""
@@ -130,7 +140,11 @@ class DeltaSession:
                 f"resource locators are not supported (type {request.type_url}); "
                 "use resource_names_subscribe/unsubscribe"
             )
-        self.node_id = self.node_id or request.node.id
+        if not self.node_id:
+            self.node_id = request.node.id
+            waypoint = request.node.metadata.fields.get(WAYPOINT_METADATA_KEY)
+            if waypoint is not None and waypoint.string_value:
+                self.viewer = waypoint.string_value
 
         events: list[SessionEvent] = []
         state = self._types.get(request.type_url)
@@ -181,7 +195,7 @@ class DeltaSession:
         removed: list[str] = []
         for name in state.pending:
             resource = current.get(name)
-            if resource is None:
+            if resource is None or not resource.visible_to(self.viewer):
                 removed.append(name)
             else:
                 entries.append(resource.encoded)
@@ -214,20 +228,34 @@ class DeltaSession:
         current = self._store.resources(request.type_url)
         if state.wildcard:
             state.pending.update(
-                name for name, resource in current.items() if known.get(name) != resource.version
+                name
+                for name, resource in current.items()
+                if resource.visible_to(self.viewer) and known.get(name) != resource.version
             )
-            state.pending.update(name for name in known if name not in current)
+            state.pending.update(name for name in known if not self._visible(current, name))
         for name in state.names:
             resource = current.get(name)
-            if resource is None or known.get(name) != resource.version:
+            if (
+                resource is None
+                or not resource.visible_to(self.viewer)
+                or known.get(name) != resource.version
+            ):
                 state.pending.add(name)
         return state
+
+    def _visible(self, current: Mapping[str, StoredResource], name: str) -> bool:
+        resource = current.get(name)
+        return resource is not None and resource.visible_to(self.viewer)
 
     def _change(self, state: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         for name in request.resource_names_subscribe:
             if name == WILDCARD:
                 state.wildcard = True
-                state.pending.update(self._store.resources(request.type_url))
+                state.pending.update(
+                    visible
+                    for visible, resource in self._store.resources(request.type_url).items()
+                    if resource.visible_to(self.viewer)
+                )
             else:
                 state.names.add(name)
                 state.pending.add(name)

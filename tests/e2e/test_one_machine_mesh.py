@@ -468,10 +468,6 @@ class TestTwoNamespaces:
             loop.stop()
             mesh.label_namespace("plain", "istio.io/dataplane-mode-")
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="supervisor does not restart node services yet (ambientctl/mesh.py ZtunnelService.run starts ztunnel once)",
-    )
     def test_a_killed_ztunnel_is_restarted_and_recaptures_every_enrolled_pod(self, mesh: Mesh):
         killed = mesh.process_record("node/node-2/ztunnel")
         assert killed is not None and killed.is_alive()

@@ -23,7 +23,7 @@ from istiod_lite.xds.server import ADS_SERVICE
 from istiod_lite.xds.resources import ResourceStore, stage
 from istiod_lite.xds.session import DeltaSession, Nacked, StaleNonce, Subscribed, XdsRequestError
 
-UNKNOWN_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+UNKNOWN_TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 TIMEOUT = 5.0
 
 

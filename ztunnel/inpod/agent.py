@@ -172,41 +172,42 @@ class NodeAgent:
     # --- Runtime API ---
 
     async def enroll(self, pod: EnrolledPod) -> bool:
-        """Capture `pod`: redirect rules in its netns, then hand it to ztunnel.
+        """Capture `pod`: hand it to ztunnel, then redirect its traffic there.
 
         Returns True when a connected ztunnel acked it; False when none is connected (it
         goes out with the next snapshot) or ztunnel NACKed it (logged). Raises EnrollError
-        when the netns cannot be opened or the rules not installed; then nothing changed.
+        when the netns cannot be opened or the rules not installed.
         Enrolling an enrolled pod again refreshes its rules and re-sends it.
         """
         try:
             netns_fd = open_netns(pod.netns_path)
         except NetnsError as exc:
             raise EnrollError(f"cannot enroll pod {pod}: {exc}") from exc
-        try:
-            await trio.to_thread.run_sync(install_redirect, netns_fd)
-        except (RedirectError, NetnsError) as exc:
-            os.close(netns_fd)
-            raise EnrollError(f"cannot enroll pod {pod}: {exc}") from exc
-        except BaseException:
-            os.close(netns_fd)
-            raise
         enrolment = _Enrolment(pod, netns_fd)
         previous = self._pods.get(pod.uid)
         self._pods[pod.uid] = enrolment
         if previous is not None:
             os.close(previous.netns_fd)
-        if not self._connections:
+        outcome = None
+        if self._connections:
+            # ztunnel's listeners first, then the rules that send traffic to them: the other
+            # order refuses the connections made in between.
+            request = _Request.add(enrolment)
+            # Adds go to the newest connection only: that is the ztunnel taking over (Istio does the same).
+            self._connections[-1].submit(request)
+            await request.done.wait()
+            outcome = request.outcome
+        else:
             _log.info("pod enrolled, no ztunnel connected yet; it goes with the next snapshot", pod=str(pod))
-            return False
-        request = _Request.add(enrolment)
-        # Adds go to the newest connection only: that is the ztunnel taking over (Istio does the same).
-        self._connections[-1].submit(request)
-        await request.done.wait()
-        return request.outcome is _Outcome.ACKED
+        try:
+            # Installed even without an ACK: a pod labelled for the mesh never talks in the clear.
+            await trio.to_thread.run_sync(install_redirect, netns_fd)
+        except (RedirectError, NetnsError) as exc:
+            raise EnrollError(f"cannot capture pod {pod}: {exc}") from exc
+        return outcome is _Outcome.ACKED
 
     async def release(self, uid: str) -> bool:
-        """Stop capturing the pod `uid`: Del to every connected ztunnel, then remove its rules.
+        """Stop capturing the pod `uid`: remove its rules, then Del to every connected ztunnel.
 
         Returns False when a ztunnel NACKed the Del (logged); a connection lost meanwhile does
         not count, its ztunnel drops the pod on its next snapshot. Raises EnrollError when the
@@ -217,15 +218,16 @@ class NodeAgent:
             _log.debug("release of a pod that is not enrolled", uid=uid)
             return True
         try:
+            # Rules out first, so new connections go direct before ztunnel drops its listeners.
+            try:
+                await trio.to_thread.run_sync(remove_redirect, enrolment.netns_fd)
+            except (RedirectError, NetnsError) as exc:
+                raise EnrollError(f"cannot release pod {enrolment.pod}: its capture rules stay: {exc}") from exc
             requests = [_Request(uid, encode_del(uid)) for _ in self._connections]
             for connection, request in zip(self._connections, requests):
                 connection.submit(request)
             for request in requests:
                 await request.done.wait()
-            try:
-                await trio.to_thread.run_sync(remove_redirect, enrolment.netns_fd)
-            except (RedirectError, NetnsError) as exc:
-                raise EnrollError(f"pod {enrolment.pod} released, but its capture rules stay: {exc}") from exc
         finally:
             os.close(enrolment.netns_fd)
         return all(request.outcome is not _Outcome.NACKED for request in requests)

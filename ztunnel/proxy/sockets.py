@@ -9,12 +9,13 @@ chooses otherwise. All of them carry the mesh mark so capture rules let them thr
 from __future__ import annotations
 
 import errno
+import os
 import socket
 
 import trio
 
 from meshcore import netio
-from ztunnel.inpod.netns import connect_socket_in_netns
+from ztunnel.inpod.netns import NetnsError, connect_socket_in_netns
 
 
 class SocketFactory:
@@ -52,5 +53,13 @@ class SocketFactory:
     async def _connect_in(self, netns_fd: int, address: tuple[str, int]) -> socket.socket:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         mark = self._mark if self._mark is not None else netio.MESH_MARK
-        sock = await trio.to_thread.run_sync(lambda: connect_socket_in_netns(netns_fd, family, mark=mark))
+        # Our own reference to the netns: the pod may be released (and its fd closed, the number
+        # reused) while the worker thread is still entering it.
+        held = os.dup(netns_fd)
+        try:
+            sock = await trio.to_thread.run_sync(lambda: connect_socket_in_netns(held, family, mark=mark))
+        except NetnsError as exc:
+            raise OSError(errno.ENONET, f"cannot create a socket in the pod's network namespace: {exc}") from exc
+        finally:
+            os.close(held)
         return await netio.connect_socket(sock, address)
