@@ -21,7 +21,9 @@ import yaml
 
 from ambientctl.runtime import ClusterContext, NodeContext, RunningPod
 from ambientctl.runtime.addressing import ROUTER_LINK_ADDRESS
+from ambientctl.runtime.manifests import ObjectKey
 from ambientctl.runtime.netns import ROUTER_NETNS
+from ambientctl.runtime.store import ObjectStore
 from istiod_lite.ca.root import load_or_create_root
 from istiod_lite.ca.tokens import NodeTokens
 from meshcore.log import get_logger
@@ -33,6 +35,9 @@ DATAPLANE_MODE = "istio.io/dataplane-mode"
 ISTIOD_ADDRESS = str(ROUTER_LINK_ADDRESS)
 READY_TIMEOUT = 30.0
 RESTART_DELAY = 1.0
+REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
+# Time for "not HBONE any more" to reach every ztunnel before the pod's listeners close.
+REDIRECTION_SETTLE = 0.5
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -119,6 +124,15 @@ class ZtunnelService:
             ])
             await self._enrol(node, agent)
 
+    @staticmethod
+    async def _annotate(store: ObjectStore, pod: RunningPod, value: str) -> None:
+        """Report capture on the pod, as Istio's CNI does; istiod_lite switches HBONE on it."""
+
+        def mutate(obj: dict) -> None:
+            obj.setdefault("metadata", {}).setdefault("annotations", {})[REDIRECTION_ANNOTATION] = value
+
+        await trio.to_thread.run_sync(store.update, ObjectKey(group="", kind="Pod", namespace=pod.namespace, name=pod.name), mutate)
+
     async def _keep_running(self, node: NodeContext, argv: list[str]) -> None:
         """Like a DaemonSet: a ztunnel that exits is started again; the agent replays its pods."""
         while True:
@@ -129,13 +143,17 @@ class ZtunnelService:
     async def _enrol(self, node: NodeContext, agent: NodeAgent) -> None:
         """Keep the agent's enrolled set equal to the node's captured pods."""
         enrolled: dict[str, RunningPod] = {}
+        store = ObjectStore(node.run_dir.store)
         pods = node.pods()
         while True:
             wanted = {pod.uid: pod for pod in pods if captured(pod)}
             for uid in enrolled.keys() - wanted.keys():
+                pod = enrolled.pop(uid)
+                # Peers stop using HBONE first, then the capture goes (Istio's CNI order).
+                await self._annotate(store, pod, "disabled")
+                await trio.sleep(REDIRECTION_SETTLE)
                 await agent.release(uid)
-                _log.info("pod released from the mesh", node=node.name, pod=f"{enrolled[uid].namespace}/{enrolled[uid].name}")
-                del enrolled[uid]
+                _log.info("pod released from the mesh", node=node.name, pod=f"{pod.namespace}/{pod.name}")
             for uid, pod in wanted.items():
                 if uid in enrolled:
                     continue
@@ -143,5 +161,6 @@ class ZtunnelService:
                     uid=uid, name=pod.name, namespace=pod.namespace, service_account=pod.service_account, netns_path=pod.netns_path
                 ))
                 enrolled[uid] = pod
+                await self._annotate(store, pod, "enabled")
                 _log.info("pod enrolled in the mesh", node=node.name, pod=f"{pod.namespace}/{pod.name}")
             pods = await node.next_pods(pods)

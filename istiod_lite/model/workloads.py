@@ -39,6 +39,8 @@ DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 DATAPLANE_MODE_AMBIENT = "ambient"
 DATAPLANE_MODE_NONE = "none"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
+# Set by the node agent once the pod's traffic is really captured (Istio's CNI does the same).
+REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 CLUSTER_ID = "Kubernetes"
 DEFAULT_SERVICE_ACCOUNT = "default"
 
@@ -84,6 +86,8 @@ class Pod:
     service_account: str
     host_network: bool
     has_sidecar: bool
+    # The node agent's word on capture ("enabled" once captured), if a node agent runs.
+    redirection: str | None
     healthy: bool
     # Being deleted: no workload any more, but still running (and so still has an identity).
     terminating: bool
@@ -144,6 +148,7 @@ def parse_pod(namespace: str, name: str, obj: Mapping[str, Any]) -> Pod:
         service_account=service_account,
         host_network=boolean(ref, spec.get("hostNetwork"), "spec.hostNetwork"),
         has_sidecar=SIDECAR_STATUS_ANNOTATION in annotations,
+        redirection=annotations.get(REDIRECTION_ANNOTATION),
         healthy=phase == "Running" and _is_ready(ref, status),
         terminating=bool(meta.get("deletionTimestamp")),
         finished=phase in _TERMINAL_PHASES,
@@ -255,6 +260,10 @@ def is_enrolled(pod: Pod, namespace_dataplane_mode: str) -> bool:
     """Whether ztunnel captures the pod (and so reaches it with HBONE)."""
     if pod.has_sidecar or pod.host_network:
         return False
+    if pod.redirection is not None:
+        # A node agent reports capture: peers switch to HBONE only once the pod's ztunnel
+        # really listens (and back before it stops), so no connection falls in between.
+        return pod.redirection == "enabled"
     mode = pod.labels.get(DATAPLANE_MODE_LABEL, "")
     if mode == DATAPLANE_MODE_NONE:
         return False
