@@ -380,11 +380,6 @@ class TestTwoNamespaces:
         assert capture.packets(f"tcp port 15008 and host {client_ip} and host {server_ip}") > 0
         assert not capture.saw(secret), "the enrolled pods' payload crossed the node link in plaintext"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="ztunnel connects to the app from the pod's own IP, not the client's "
-        "(SocketFactory.connect_to_pod binds no transparent source; Istio's in-pod ztunnel keeps the client IP)",
-    )
     def test_the_server_app_sees_the_client_pod_ip(self, mesh: Mesh):
         server_log = mesh.container_log("mesh-a", "server", "echo")
         for client_namespace in ("mesh-a", "plain"):  # over HBONE (15008) and captured plaintext (15006)

@@ -150,7 +150,7 @@ class InboundHbone:
             decision = authorize(state.policies_for(workload), attributes)
             if not decision.allowed:
                 raise PolicyDenied(decision)
-            upstream = await _connect_app(inputs, (str(ip), port))
+            upstream = await _connect_app(inputs, (str(ip), port), conn.peer_address[0])
         except ProxyError as error:
             request.reject(error.status)
             inputs.metrics.connection(info).failed(error)
@@ -220,7 +220,7 @@ class InboundPlaintext:
             decision = authorize(state.policies_for(workload), attributes)
             if not decision.allowed:
                 raise PolicyDenied(decision)
-            upstream = await _connect_app(inputs, (dst_ip_text, dst_port))
+            upstream = await _connect_app(inputs, (dst_ip_text, dst_port), peer[0])
         except ProxyError as error:
             recorder.failed(error)
             netio.abort(sock)
@@ -242,11 +242,10 @@ class InboundPlaintext:
         recorder.closed(sent=counts[1], received=counts[0], error=error)
 
 
-async def _connect_app(inputs: ProxyInputs, address: tuple[str, int]) -> socket.socket:
+async def _connect_app(inputs: ProxyInputs, address: tuple[str, int], client_ip: str) -> socket.socket:
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
-            # From inside the destination pod's netns when we hold it (in-pod mode).
-            return await inputs.sockets.connect_to_pod(address)
+            return await inputs.sockets.connect_to_pod(address, client_ip=client_ip)
     except (OSError, trio.TooSlowError) as exc:
         raise UpstreamConnectFailed(f"connect to the application at {address[0]}:{address[1]} failed: {exc or 'timed out'}") from exc
 

@@ -43,14 +43,19 @@ class SocketFactory:
                     raise
         return await netio.connect(address, mark=self._mark)
 
-    async def connect_to_pod(self, address: tuple[str, int]) -> socket.socket:
-        """Connect to a local pod's app: from inside its netns when we hold it (in-pod mode)."""
+    async def connect_to_pod(self, address: tuple[str, int], *, client_ip: str | None = None) -> socket.socket:
+        """Connect to a local pod's app: from inside its netns when we hold it (in-pod mode),
+        from the original client's IP (IP_TRANSPARENT), so the app sees who called it; the
+        in-pod rules route its replies back to us (facts §3, table 100)."""
         netns_fd = self._netns_by_ip.get(address[0])
         if netns_fd is not None:
-            return await self._connect_in(netns_fd, address)
+            spoof = client_ip if client_ip not in (None, address[0]) else None
+            return await self._connect_in(netns_fd, address, source_ip=spoof)
         return await netio.connect(address, mark=self._mark)
 
-    async def _connect_in(self, netns_fd: int, address: tuple[str, int]) -> socket.socket:
+    async def _connect_in(
+        self, netns_fd: int, address: tuple[str, int], *, source_ip: str | None = None
+    ) -> socket.socket:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         mark = self._mark if self._mark is not None else netio.MESH_MARK
         # Our own reference to the netns: the pod may be released (and its fd closed, the number
@@ -62,4 +67,11 @@ class SocketFactory:
             raise OSError(errno.ENONET, f"cannot create a socket in the pod's network namespace: {exc}") from exc
         finally:
             os.close(held)
+        if source_ip is not None:
+            try:
+                sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
+                sock.bind((source_ip, 0))
+            except OSError:
+                netio.close(sock)
+                raise
         return await netio.connect_socket(sock, address)
