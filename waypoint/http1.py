@@ -30,7 +30,6 @@ import trio
 from meshcore.log import get_logger
 from waypoint.messages import (
     BodyError,
-    BufferedBody,
     Headers,
     Request,
     Response,
@@ -174,12 +173,20 @@ class _ServerRequestBody:
         self._received = 0
         self._trailers: Headers = ()
         self._ended = False
+        self.broken = False  # malformed or over the limit: the connection is not reused
 
     @property
     def trailers(self) -> Headers:
         return self._trailers
 
     async def read(self) -> bytes:
+        try:
+            return await self._read()
+        except BodyError:
+            self.broken = True
+            raise
+
+    async def _read(self) -> bytes:
         conn = self._conn
         while not self._ended:
             try:
@@ -214,12 +221,13 @@ class _ServerExchange:
         self._stream = stream
         self._conn = conn
         authority, target, scheme, headers = _request_from_head(head)
+        self._body = _ServerRequestBody(stream, conn, limits)
         self.request = Request(
             method=head.method.decode("latin-1"),
             authority=authority,
             target=target,
             headers=headers,
-            body=_ServerRequestBody(stream, conn, limits),
+            body=self._body,
             protocol=f"HTTP/{head.http_version.decode('latin-1')}",
             scheme=scheme,
         )
@@ -234,15 +242,20 @@ class _ServerExchange:
         self.started = True
         conn, stream = self._conn, self._stream
         headers = without_hop_by_hop(response.headers)
+        if self._body.broken:
+            headers += (("connection", "close"),)
         chunked = not any(name == "content-length" for name, _ in headers)
-        await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=list(headers), reason=_reason(response.status))))
-        body = response.body
-        while chunk := await body.read():
-            if self.request.method != "HEAD":
-                await stream.send_all(conn.send(h11.Data(data=chunk)))
-        # Trailers exist only in chunked framing; a length-framed response drops them.
-        trailers = list(body.trailers) if chunked and conn.our_state is h11.SEND_BODY else []
-        await stream.send_all(conn.send(h11.EndOfMessage(headers=trailers)))
+        try:
+            await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=list(headers), reason=_reason(response.status))))
+            body = response.body
+            while chunk := await body.read():
+                if self.request.method != "HEAD":
+                    await stream.send_all(conn.send(h11.Data(data=chunk)))
+            # Trailers exist only in chunked framing; a length-framed response drops them.
+            trailers = list(body.trailers) if chunked and conn.our_state is h11.SEND_BODY else []
+            await stream.send_all(conn.send(h11.EndOfMessage(headers=trailers)))
+        except h11.LocalProtocolError as exc:  # e.g. a body shorter than its Content-Length
+            raise BodyError(f"response does not match its own framing: {exc}", status=502) from exc
         self.completed = conn.our_state is h11.DONE
 
 

@@ -50,6 +50,21 @@ FLUSH_SECONDS = 1.0
 _log = get_logger("http2")
 
 
+class StreamResetError(trio.BrokenResourceError):
+    """An upstream stream ended before its response head: reset by the peer (`code`), or
+    its connection died (`code` None)."""
+
+    def __init__(self, stream_id: int, code: int | None) -> None:
+        reason = f"reset by the upstream ({_code_name(code)})" if code is not None else "its connection closed"
+        super().__init__(f"HTTP/2 stream {stream_id} ended before the response: {reason}")
+        self.code = code
+
+    @property
+    def refused(self) -> bool:
+        """REFUSED_STREAM: the upstream did not process the request (safe to retry)."""
+        return self.code == h2.errors.ErrorCodes.REFUSED_STREAM
+
+
 class _StreamState:
     """What one HTTP/2 stream has received, and the events its reader/sender wait on."""
 
@@ -82,6 +97,7 @@ class _H2Peer:
         self._streams: dict[int, _StreamState] = {}
         self._wakeup = trio.Event()
         self._dead = False
+        self._finishing = False  # the writer sends what is queued, then returns
         self.closed = trio.Event()
 
     def _start(self, settings: dict[int, int]) -> None:
@@ -94,21 +110,23 @@ class _H2Peer:
         self._wakeup.set()
 
     async def _writer(self) -> None:
+        # Never cancelled while it holds bytes taken from h2 except at the very end (see
+        # `_finish_writer`): a cancelled send would silently drop frames, the GOAWAY included.
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             data = self._h2.data_to_send()
             if data:
                 await self._transport.send_all(data)
+            if self._finishing and not self._wakeup.is_set():
+                return
 
-    async def _flush_final(self) -> None:
-        data = self._h2.data_to_send()
-        if data:
-            with trio.move_on_after(FLUSH_SECONDS):
-                try:
-                    await self._transport.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+    async def _finish_writer(self, writer_done: trio.Event) -> None:
+        """Let the writer send what is queued (a GOAWAY, last responses), briefly."""
+        self._finishing = True
+        self._wake()
+        with trio.move_on_after(FLUSH_SECONDS):
+            await writer_done.wait()
 
     async def _read_transport(self, *, idle_timeout: float | None = None) -> list[h2.events.Event] | None:
         """Events from the next read; None when the peer closed (or idled out)."""
@@ -296,33 +314,35 @@ class _H2Server(_H2Peer):
     async def run(self, initial: bytes) -> None:
         codes = h2.settings.SettingCodes
         self._start({codes.MAX_CONCURRENT_STREAMS: self._limits.max_concurrent_streams, codes.ENABLE_PUSH: 0})
+        writer_done = trio.Event()
         try:
             async with trio.open_nursery() as io:
-                io.start_soon(self._guarded_writer, io.cancel_scope)
+                io.start_soon(self._guarded_writer, io.cancel_scope, writer_done)
                 async with trio.open_nursery() as handlers:
                     self._handlers = handlers
                     try:
                         await self._reader(initial)
                     except h2.exceptions.ProtocolError as exc:
-                        # h2 queued the GOAWAY naming the error; the writer below sends it.
+                        # h2 queued the GOAWAY naming the error; the writer sends it.
                         _log.info("http2 client broke the protocol", error=str(exc), code=_code_name(getattr(exc, "error_code", 1)))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
                     self._mark_dead()
                     handlers.cancel_scope.cancel()
+                await self._finish_writer(writer_done)
                 io.cancel_scope.cancel()
         finally:
             self._mark_dead()
-            with trio.CancelScope(shield=True):
-                await self._flush_final()
             self.closed.set()
 
-    async def _guarded_writer(self, io_scope: trio.CancelScope) -> None:
+    async def _guarded_writer(self, io_scope: trio.CancelScope, done: trio.Event) -> None:
         try:
             await self._writer()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._mark_dead()
             io_scope.cancel()
+        finally:
+            done.set()
 
     async def _reader(self, initial: bytes) -> None:
         if initial:
@@ -407,10 +427,19 @@ class _H2Server(_H2Peer):
             started = True
             self._check_sendable(st)
             headers = ((":status", str(response.status)), *without_hop_by_hop(response.headers))
-            self._h2.send_headers(st.stream_id, _encode(headers))
-            self._wake()
             try:
-                await self._send_body(st, response.body)
+                if response.header("grpc-status") is not None:
+                    # gRPC "trailers-only": the status rides in the one HEADERS frame, which
+                    # must end the stream, so gRPC clients read it as the call's status.
+                    while await response.body.read():
+                        pass
+                    self._check_sendable(st)
+                    self._h2.send_headers(st.stream_id, _encode(headers), end_stream=True)
+                    self._wake()
+                else:
+                    self._h2.send_headers(st.stream_id, _encode(headers))
+                    self._wake()
+                    await self._send_body(st, response.body)
             except BodyError:
                 self._reset(st, h2.errors.ErrorCodes.INTERNAL_ERROR)
                 raise
@@ -532,11 +561,11 @@ class Http2ClientConnection(_H2Peer):
     async def send(self, request: Request) -> Response:
         """Send `request`; the response once its head arrived (its body streams after).
 
-        Raises trio.BrokenResourceError if the stream was reset or the connection failed
-        before the response head came. Cancelling resets the stream.
+        Raises StreamResetError if the stream was reset or the connection failed before the
+        response head came. Cancelling resets the stream.
         """
         if not self.usable:
-            raise trio.BrokenResourceError("upstream HTTP/2 connection cannot take more requests")
+            raise StreamResetError(0, h2.errors.ErrorCodes.REFUSED_STREAM)
         assert self._nursery is not None
         self.requests_sent += 1
         stream_id = self._h2.get_next_available_stream_id()
@@ -550,16 +579,17 @@ class Http2ClientConnection(_H2Peer):
         ]
         if (request.header("content-type") or "").startswith("application/grpc"):
             headers.append(("te", "trailers"))  # gRPC servers require it; hop-by-hop otherwise
-        self._h2.send_headers(stream_id, _encode(headers))
+        try:
+            self._h2.send_headers(stream_id, _encode(headers))
+        except h2.exceptions.ProtocolError as exc:  # the connection is closing under us
+            self._streams.pop(stream_id, None)
+            raise StreamResetError(stream_id, None) from exc
         self._wake()
         self._nursery.start_soon(self._pump, st, request.body)
         try:
             while st.headers is None:
                 if st.reset_code is not None or self._dead:
-                    raise trio.BrokenResourceError(
-                        f"upstream reset HTTP/2 stream {stream_id} before responding"
-                        + (f" ({_code_name(st.reset_code)})" if st.reset_code is not None else "")
-                    )
+                    raise StreamResetError(stream_id, st.reset_code)
                 st.readable = trio.Event()
                 await st.readable.wait()
         except BaseException:

@@ -6,6 +6,7 @@
     trustDomain: cluster.local
     controlPlane: {address: "198.18.0.1:15012", rootCert: root-cert.pem, tokenFile: node.token}
     ports: {hbone: 15008, metrics: 15020, readiness: 15021, admin: 15000}   # 0 disables one
+                                                       # (hbone 0: any free port)
     drainSeconds: 5
     http:                         # limits on what downstream clients may send
       maxHeaderBytes: 65536       # request head larger than this: 431

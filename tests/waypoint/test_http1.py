@@ -31,18 +31,19 @@ async def echo(request: Request, respond) -> None:
     await respond(Response(200, (("x-served", "yes"),), BufferedBody(text)))
 
 
+async def serve_then_close(stream, handler, limits: HttpLimits = LIMITS) -> None:
+    """What the listener does: serve, then close the tunnel."""
+    await serve_http1(stream, handler, limits)
+    await stream.aclose()
+
+
 async def exchange(server_handler, raw: bytes, *, limits: HttpLimits = LIMITS, close_after_send: bool = False) -> tuple[list, bool]:
     """Send raw bytes to a server; returns the h11 client events seen and whether the server closed."""
     client, server = trio.testing.memory_stream_pair()
     events: list = []
     closed = False
     async with trio.open_nursery() as nursery:
-
-        async def serve() -> None:
-            await serve_http1(server, server_handler, limits)
-            await server.aclose()
-
-        nursery.start_soon(serve)
+        nursery.start_soon(serve_then_close, server, server_handler, limits)
         await client.send_all(raw)
         if close_after_send:
             await client.send_eof()
@@ -113,7 +114,7 @@ async def test_oversized_headers_get_431_and_close():
 async def test_oversized_headers_arriving_in_pieces_get_431():
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_http1, server, echo, LIMITS)
+        nursery.start_soon(serve_then_close, server, echo)
         await client.send_all(b"GET / HTTP/1.1\r\nHost: svc\r\nX-Big: ")
         for _ in range(10):
             await client.send_all(b"a" * 1000)
@@ -147,7 +148,7 @@ async def test_smuggling_framing_gets_400_and_close(framing):
 async def test_slow_loris_head_gets_408_after_the_header_timeout(autojump_clock):
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_http1, server, echo, LIMITS)
+        nursery.start_soon(serve_then_close, server, echo)
         start = trio.current_time()
         await client.send_all(b"GET / HTTP/1.1\r\nHost: svc\r\n")
         answer = await client.receive_some(65536)
@@ -160,12 +161,12 @@ async def test_slow_loris_head_gets_408_after_the_header_timeout(autojump_clock)
 async def test_idle_connection_is_closed_quietly(autojump_clock):
     client, server = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_http1, server, echo, LIMITS)
+        nursery.start_soon(serve_then_close, server, echo)
         start = trio.current_time()
         answer = await client.receive_some(65536)
         assert trio.current_time() - start == pytest.approx(LIMITS.idle_timeout, abs=0.1)
         nursery.cancel_scope.cancel()
-    assert answer == b""  # the server's serve_http1 returned; nothing was sent
+    assert answer == b""  # closed without a response
 
 
 async def test_body_over_the_limit_fails_the_read_with_413():
@@ -202,7 +203,7 @@ async def test_client_reuses_a_connection_until_the_server_says_close():
     client_stream, server_stream = trio.testing.memory_stream_pair()
     idle: list = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_http1, server_stream, echo, LIMITS)
+        nursery.start_soon(serve_then_close, server_stream, echo)
         connection = Http1ClientConnection(client_stream, on_idle=idle.append)
         for n in range(2):
             body = BufferedBody(b"ping%d" % n)

@@ -5,7 +5,8 @@ One Listener + RouteConfiguration pair per bound service port (both named
 `ClusterConfig`, its ClusterLoadAssignment a `ClusterEndpoints`. Defaults are Envoy's, so a
 resource means the same here as in a real Envoy pointed at the same xDS server (route timeout
 15 s, connect timeout 5 s, circuit-breaker limits 1024, 3 concurrent retries, outlier
-detection 5 consecutive 5xx / 10 s interval / 30 s base ejection / 10 % max ejected).
+detection 5 consecutive 5xx / 10 s interval / 30 s base ejection / 10 % max ejected,
+panic routing below 50 % usable endpoints).
 
 Value checks that do not need the proto live in `__post_init__` and raise ValueError;
 `from_xds` turns them into errors naming the resource and field. The predicates here
@@ -31,10 +32,12 @@ DEFAULT_RETRY_BUDGET_PERCENT = 20.0
 DEFAULT_MIN_RETRY_CONCURRENCY = 3
 DEFAULT_RETRY_BASE_INTERVAL = 0.025
 DEFAULT_CONSECUTIVE_5XX = 5
+DEFAULT_CONSECUTIVE_GATEWAY_FAILURE = 5  # counted, but not enforced unless configured
 DEFAULT_OUTLIER_INTERVAL = 10.0
 DEFAULT_BASE_EJECTION_TIME = 30.0
 DEFAULT_MAX_EJECTION_PERCENT = 10
 DEFAULT_MAX_EJECTION_TIME = 300.0
+DEFAULT_HEALTHY_PANIC_THRESHOLD = 50.0
 
 # The retry_on conditions the waypoint implements (Envoy's names; see policy/retry.py).
 RETRY_ON_VALUES = frozenset(
@@ -164,18 +167,57 @@ class RouteMatch:
     method: str | None = None  # an exact `:method` header match, pulled out for speed
 
 
+class HeaderAppendAction(enum.Enum):
+    """Envoy's HeaderValueOption.HeaderAppendAction."""
+
+    APPEND_IF_EXISTS_OR_ADD = 0
+    ADD_IF_ABSENT = 1
+    OVERWRITE_IF_EXISTS_OR_ADD = 2
+    OVERWRITE_IF_EXISTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderToAdd:
+    """A header a route or backend adds to requests or responses. Values are literal:
+    Envoy's `%COMMAND%` substitutions are not interpreted."""
+
+    name: str
+    value: str
+    action: HeaderAppendAction = HeaderAppendAction.APPEND_IF_EXISTS_OR_ADD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.name.lower())
+        _check_mutable_header(self.name)
+
+
+def _check_mutable_header(name: str) -> None:
+    # Envoy refuses to add or remove pseudo-headers and Host through route config.
+    if not name or name.startswith(":") or name == "host":
+        raise ValueError(f"header {name!r} cannot be added or removed by a route")
+
+
 @dataclass(frozen=True, slots=True)
 class WeightedBackend:
-    """A cluster (`outbound|<port>|<subset>|<host>`) and its share of a split."""
+    """A cluster (`outbound|<port>|<subset>|<host>`) and its share of a split.
+
+    Its header changes (a VirtualService destination's `headers`) apply before the route's,
+    so the route's win where both set a header (Envoy's default order).
+    """
 
     cluster: str
     weight: int = 1
+    request_headers_to_add: tuple[HeaderToAdd, ...] = ()
+    request_headers_to_remove: tuple[str, ...] = ()
+    response_headers_to_add: tuple[HeaderToAdd, ...] = ()
+    response_headers_to_remove: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.cluster:
             raise ValueError("backend cluster name is empty")
         if self.weight < 0:
             raise ValueError(f"backend {self.cluster}: weight {self.weight} is negative")
+        for name in (*self.request_headers_to_remove, *self.response_headers_to_remove):
+            _check_mutable_header(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,35 +250,6 @@ class RetryPolicy:
     @property
     def backoff_cap(self) -> float:
         return self.max_interval if self.max_interval is not None else 10 * self.base_interval
-
-
-class HeaderAppendAction(enum.Enum):
-    """Envoy's HeaderValueOption.HeaderAppendAction."""
-
-    APPEND_IF_EXISTS_OR_ADD = 0
-    ADD_IF_ABSENT = 1
-    OVERWRITE_IF_EXISTS_OR_ADD = 2
-    OVERWRITE_IF_EXISTS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderToAdd:
-    """A header a route adds to requests or responses. Values are literal: Envoy's
-    `%COMMAND%` substitutions are not interpreted."""
-
-    name: str
-    value: str
-    action: HeaderAppendAction = HeaderAppendAction.APPEND_IF_EXISTS_OR_ADD
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "name", self.name.lower())
-        _check_mutable_header(self.name)
-
-
-def _check_mutable_header(name: str) -> None:
-    # Envoy refuses to add or remove pseudo-headers and Host through route config.
-    if not name or name.startswith(":") or name == "host":
-        raise ValueError(f"header {name!r} cannot be added or removed by a route")
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,9 +308,10 @@ class Fault:
 class RouteAction:
     """Where a matched request goes and what happens on the way.
 
-    `timeout` None disables the route timeout (Envoy's `0s`). Request header changes apply
-    to the request sent upstream, response ones to the response sent back; removals happen
-    before additions (Envoy's order).
+    `timeout` None disables the route timeout (Envoy's `0s`). `host_rewrite` replaces the
+    authority sent upstream. Request header changes apply to the request sent upstream,
+    response ones to the response sent back; removals happen before additions (Envoy's
+    order).
     """
 
     backends: tuple[WeightedBackend, ...]
@@ -305,6 +319,7 @@ class RouteAction:
     retry: RetryPolicy | None = None
     prefix_rewrite: str | None = None
     regex_rewrite: RegexRewrite | None = None
+    host_rewrite: str | None = None
     request_headers_to_add: tuple[HeaderToAdd, ...] = ()
     request_headers_to_remove: tuple[str, ...] = ()
     response_headers_to_add: tuple[HeaderToAdd, ...] = ()
@@ -550,9 +565,10 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class OutlierConfig:
-    """Consecutive-5xx outlier detection (Envoy's OutlierDetection, that detector only).
+    """Envoy's consecutive-5xx and consecutive-gateway-failure outlier detection.
 
-    `consecutive_5xx` 0 disables ejection. An ejected endpoint stays out for
+    A threshold of 0 disables that detector (Envoy enforces gateway failures only when told
+    to, so it is off by default). An ejected endpoint stays out for
     min(base_ejection_time * times ejected, max_ejection_time), checked every `interval`.
     """
 
@@ -561,6 +577,7 @@ class OutlierConfig:
     base_ejection_time: float = DEFAULT_BASE_EJECTION_TIME
     max_ejection_percent: int = DEFAULT_MAX_EJECTION_PERCENT
     max_ejection_time: float = DEFAULT_MAX_EJECTION_TIME
+    consecutive_gateway_failure: int = 0
 
     def __post_init__(self) -> None:
         if self.interval <= 0:
@@ -588,7 +605,10 @@ class UpstreamProtocol(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """A Cluster. `upstream_protocol` None: not pinned by the cluster, speak the request's
-    own protocol upstream (Istio's `use_downstream_protocol_config`)."""
+    own protocol upstream (Istio's `use_downstream_protocol_config`).
+    `healthy_panic_threshold`: below this percentage of usable endpoints, requests go to
+    all endpoints (Envoy's panic routing; 0 turns it off, as Istio does with outlier
+    detection)."""
 
     name: str
     lb: LbPolicy = LbPolicy.ROUND_ROBIN
@@ -598,6 +618,7 @@ class ClusterConfig:
     service: ServiceRef | None = None
     eds_service_name: str = ""  # the ClusterLoadAssignment to use; "" = the cluster's name
     upstream_protocol: UpstreamProtocol | None = None
+    healthy_panic_threshold: float = DEFAULT_HEALTHY_PANIC_THRESHOLD
 
     @property
     def endpoints_name(self) -> str:

@@ -3,8 +3,10 @@ RANDOM load balancers do it.
 
 The caller passes the candidates (the cluster's endpoints minus the outlier-ejected ones);
 endpoints that EDS marks unhealthy are skipped here, and with nothing left `choose` raises
-`NoHealthyUpstream` (503, flag UH). Envoy's panic mode (routing to every endpoint when too
-few are healthy) is not implemented: Istio turns it off where outlier detection is on.
+`NoHealthyUpstream` (503, flag UH). Panic routing is Envoy's: when the usable endpoints
+are fewer than `panic_threshold` % of all of them (`panic_from`, the cluster's full list),
+every endpoint is a candidate again, healthy or not, ejected or not; a threshold of 0
+(Istio's setting with outlier detection) turns it off.
 
 - ROUND_ROBIN: smooth weighted round robin, so endpoints take turns in proportion to their
   weight (strict rotation when weights are equal). The turn state starts over whenever the
@@ -47,9 +49,17 @@ class NoHealthyUpstream(Exception):
 class LoadBalancer:
     """Chooses endpoints of one cluster and counts their active requests."""
 
-    def __init__(self, cluster: str, policy: LbPolicy, *, rng: random.Random) -> None:
+    def __init__(
+        self,
+        cluster: str,
+        policy: LbPolicy,
+        *,
+        rng: random.Random,
+        panic_threshold: float = 0.0,
+    ) -> None:
         self.cluster = cluster
         self.policy = policy
+        self.panic_threshold = panic_threshold
         self._rng = rng
         self._active: dict[Key, int] = {}
         # Smooth weighted round robin: the candidate keys the turns were computed for, and
@@ -57,9 +67,18 @@ class LoadBalancer:
         self._rr_keys: tuple[Key, ...] = ()
         self._rr_current: list[int] = []
 
-    def choose(self, candidates: Sequence[Endpoint], *, ejected: int = 0) -> Endpoint:
-        """Pick an endpoint for one request. `ejected` only enriches the error message."""
+    def choose(
+        self,
+        candidates: Sequence[Endpoint],
+        *,
+        ejected: int = 0,
+        panic_from: Sequence[Endpoint] = (),
+    ) -> Endpoint:
+        """Pick an endpoint for one request among the healthy `candidates`, or among all of
+        `panic_from` in panic. `ejected` only enriches the error message."""
         healthy = [endpoint for endpoint in candidates if endpoint.healthy]
+        if panic_from and 100 * len(healthy) < self.panic_threshold * len(panic_from):
+            healthy = list(panic_from)
         if not healthy:
             raise NoHealthyUpstream(self.cluster, len(candidates) + ejected, ejected)
         if len(healthy) == 1:

@@ -87,9 +87,7 @@ class ConnectionPoolLimits:
         self.limits = limits
         self.requests = Resource(cluster, "max_requests", lambda: self.limits.max_requests)
         self.pending = Resource(cluster, "max_pending_requests", lambda: self.limits.max_pending)
-        self.connections = Resource(
-            cluster, "max_connections", lambda: self.limits.max_connections
-        )
+        self.connections = Resource(cluster, "max_connections", lambda: self.limits.max_connections)
         self.retries = Resource(cluster, "retry budget", self._max_retries)
 
     def reconfigure(self, limits: Limits) -> None:
@@ -97,9 +95,7 @@ class ConnectionPoolLimits:
         self.limits = limits
 
     def _max_retries(self) -> int:
-        return max_active_retries(
-            self.limits.retry_budget, self.requests.count, self.pending.count
-        )
+        return max_active_retries(self.limits.retry_budget, self.requests.count, self.pending.count)
 
     def statistics(self) -> LimitsStatistics:
         return LimitsStatistics(

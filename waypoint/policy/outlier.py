@@ -8,7 +8,9 @@ Theory of operation
     endpoint's consecutive-5xx counter; any other status resets it.
   - When the counter reaches `consecutive_5xx` the endpoint is ejected, unless that would
     make more than `max_ejection_percent` % of the cluster's endpoints ejected; either way
-    the counter starts again from 0.
+    the counter starts again from 0. A second counter, of consecutive gateway errors (502,
+    503, 504; any other status resets it), ejects the same way at
+    `consecutive_gateway_failure` when that detector is on.
   - Ejection lasts min(base_ejection_time * backoff, max_ejection_time). `backoff` grows by
     one per ejection and shrinks by one per `interval` tick the endpoint spends healthy
     since it came back, so an endpoint that keeps failing stays out longer each time.
@@ -17,9 +19,9 @@ Theory of operation
     lazily from the injected clock (the first one `interval` after construction), which
     gives the same results without a timer task.
 
-Only the consecutive-5xx detector is implemented: success-rate and failure-percentage
-ejection (Envoy defaults that need 5+ endpoints with 100+ requests each per interval) and
-consecutive gateway failures (not enforced by default) are not.
+Only the consecutive detectors are implemented: success-rate and failure-percentage
+ejection (Envoy defaults that need 5+ endpoints with 100+ requests each per interval) are
+not (Istio turns success-rate enforcement off).
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ _FAILURE_STATUS = {
     UpstreamFailure.REFUSED_STREAM: 503,
     UpstreamFailure.TIMEOUT: 504,
 }
+_GATEWAY_ERRORS = frozenset({502, 503, 504})
 
 
 @dataclass(slots=True)
 class _EndpointState:
     consecutive_5xx: int = 0
+    consecutive_gateway_failure: int = 0
     ejected_at: float | None = None
     backoff: int = 0
     unejected_at: float | None = None
@@ -91,10 +95,23 @@ class OutlierDetector:
             return  # removed by an update while its request was in flight
         status = _FAILURE_STATUS[result] if isinstance(result, UpstreamFailure) else result
         if not 500 <= status <= 599:
-            state.consecutive_5xx = 0
+            state.consecutive_5xx = state.consecutive_gateway_failure = 0
             return
+        config = self._config
+        if status in _GATEWAY_ERRORS:
+            state.consecutive_gateway_failure += 1
+            gateway_threshold = config.consecutive_gateway_failure
+            if (
+                gateway_threshold
+                and state.consecutive_gateway_failure >= gateway_threshold
+                and state.ejected_at is None
+            ):
+                self._try_eject(state, now)
+                state.consecutive_gateway_failure = 0
+        else:
+            state.consecutive_gateway_failure = 0
         state.consecutive_5xx += 1
-        threshold = self._config.consecutive_5xx
+        threshold = config.consecutive_5xx
         if threshold and state.consecutive_5xx >= threshold and state.ejected_at is None:
             self._try_eject(state, now)
             state.consecutive_5xx = 0
@@ -161,7 +178,7 @@ class OutlierDetector:
             duration = min(config.base_ejection_time * state.backoff, config.max_ejection_time)
             if tick - state.ejected_at >= duration:
                 state.ejected_at = None
-                state.consecutive_5xx = 0
+                state.consecutive_5xx = state.consecutive_gateway_failure = 0
                 state.unejected_at = tick
         for state in self._states.values():
             if (

@@ -79,7 +79,9 @@ def is_retriable(policy: RetryPolicy, outcome: Outcome) -> bool:
     if outcome.failure is not None:
         return (
             not retry_on.isdisjoint(_ANY_FAILURE)
-            or (outcome.failure is UpstreamFailure.CONNECT_FAILURE and "connect-failure" in retry_on)
+            or (
+                outcome.failure is UpstreamFailure.CONNECT_FAILURE and "connect-failure" in retry_on
+            )
             or (outcome.failure is UpstreamFailure.REFUSED_STREAM and "refused-stream" in retry_on)
         )
     status = outcome.status
@@ -89,7 +91,10 @@ def is_retriable(policy: RetryPolicy, outcome: Outcome) -> bool:
         or ("gateway-error" in retry_on and status in _GATEWAY_ERRORS)
         or ("retriable-4xx" in retry_on and status == _CONFLICT)
         or ("retriable-status-codes" in retry_on and status in policy.retriable_status_codes)
-        or _GRPC_RETRY_ON.get(outcome.grpc_status or 0, "") in retry_on
+        or (
+            outcome.grpc_status in _GRPC_RETRY_ON
+            and _GRPC_RETRY_ON[outcome.grpc_status] in retry_on
+        )
     )
 
 
