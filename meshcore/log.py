@@ -44,6 +44,17 @@ _SHARED_PROCESSORS: list[Any] = [
 ]
 
 
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is at write time, not at configure time: test runners
+    and daemonizers swap it, and a logger must not keep a closed one."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 class _JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The stdlib root handler we install; a distinct type so reconfiguring replaces it."""
 
@@ -68,7 +79,7 @@ def configure_logging(level: str = "info", *, stream: TextIO | None = None) -> N
     """
     global _current_level
     name, number = _parse_level(level)
-    out = sys.stderr if stream is None else stream
+    out: Any = _CurrentStderr() if stream is None else stream
     structlog.configure(
         processors=[*_SHARED_PROCESSORS, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(number),

@@ -8,7 +8,9 @@ different container port on each pod (ambient-facts §4; Istio services.go/workl
 - hostname `<name>.<ns>.svc.cluster.local`; addresses the cluster IPs (none when headless);
 - a port's target is its numeric targetPort (absent: the port itself) or 0 when named;
 - the app protocol comes from `appProtocol`, else the port name's prefix (`http-web`);
-- ExternalName services are left to DNS, as Istio does: no resource, no endpoints.
+- ExternalName services are left to DNS, as Istio does: no resource, no endpoints;
+- a service bound to a waypoint (`istio.io/use-waypoint`, resolved by the translator) carries
+  the waypoint's address, so ztunnels send its traffic there.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class KubeService:
 
     namespace: str
     name: str
+    labels: Mapping[str, str]
     # Empty: the service selects no pods (endpoints managed by hand, or none).
     selector: Mapping[str, str]
     addresses: tuple[bytes, ...]
@@ -76,10 +79,12 @@ def service_hostname(namespace: str, name: str) -> str:
 
 def parse_service(namespace: str, name: str, obj: Mapping[str, Any]) -> KubeService:
     ref = ObjectRef("Service", namespace, name)
+    meta = mapping(ref, obj.get("metadata"), "metadata")
     spec = mapping(ref, obj.get("spec"), "spec")
     return KubeService(
         namespace=namespace,
         name=name,
+        labels=string_map(ref, meta.get("labels"), "metadata.labels"),
         selector=string_map(ref, spec.get("selector"), "spec.selector"),
         addresses=_cluster_ips(ref, spec),
         ports=tuple(
@@ -141,11 +146,14 @@ def app_protocol(port_name: str, declared: str) -> int:
     return _APP_PROTOCOLS.get(prefix, workload_pb2.AppProtocol.UNKNOWN)
 
 
-def build_service(service: KubeService) -> workload_pb2.Service | None:
+def build_service(
+    service: KubeService, *, waypoint: workload_pb2.GatewayAddress | None = None
+) -> workload_pb2.Service | None:
     """The Service resource, or None for ExternalName services."""
     if service.external_name:
         return None
     return workload_pb2.Service(
+        waypoint=waypoint,
         name=service.name,
         namespace=service.namespace,
         hostname=service.hostname,

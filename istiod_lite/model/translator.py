@@ -13,12 +13,19 @@ Theory of operation
     | AuthorizationPolicy         | the policy; old+new selected pods if its attachment changed |
     | PeerAuthentication          | the static STRICT policy; the converted port-level policies |
     |                             | and pods in its reach (selected / namespace / everything) |
+    | VirtualService, DestinationRule, HTTPRoute, Waypoint, Gateway, targetRef policies:     |
+    |                             | waypoint resources, see `l7/config.py` (`WaypointConfig`) |
 
     Each marked resource is rebuilt from the state and serialized deterministically; only
     resources whose bytes differ from what was last emitted appear in the returned
     `ResourceDelta`, as upserts, or as removals when they no longer exist. Applying every
     delta in order to an empty store therefore yields exactly `resources()`, which equals
     what a fresh translator computes from the same final objects in any order.
+
+    Waypoint resources (Envoy Listener, RouteConfiguration, Cluster, ClusterLoadAssignment)
+    carry an audience, the waypoints allowed to see them, in `ResourceDelta.audiences`; an
+    audience change alone is emitted as a change. Services and pods bound to a waypoint
+    (`istio.io/use-waypoint`) get its address in their Service/Workload resources.
 
 Resource names (ambient-facts §4): Workload `Kubernetes//Pod/<ns>/<name>`, Service
 `<ns>/<hostname>` (both type Address), Authorization `<ns>/<name>`.
@@ -35,6 +42,9 @@ from google.protobuf.message import Message
 
 from istiod_lite.model.errors import TranslationError, TranslationWarning
 from istiod_lite.model.fields import ObjectRef
+from istiod_lite.model.l7.authz import has_target_refs, parse_waypoint_policy
+from istiod_lite.model.l7.config import L7_KINDS, L7_TYPE_URLS, L7Affected, WaypointConfig
+from istiod_lite.model.l7.waypoints import gateway_address
 from istiod_lite.model.policies import (
     STATIC_STRICT_POLICY_NAME,
     AuthorizationPolicy,
@@ -55,6 +65,7 @@ from istiod_lite.model.services import (
 )
 from istiod_lite.model.state import ClusterState, ObjectKey
 from istiod_lite.model.workloads import (
+    Namespace,
     Pod,
     PodKey,
     build_workload,
@@ -82,7 +93,15 @@ class TypeDelta(NamedTuple):
 
 
 class ResourceDelta(dict[str, TypeDelta]):
-    """type URL -> TypeDelta; only types that changed are present (empty: nothing changed)."""
+    """type URL -> TypeDelta; only types that changed are present (empty: nothing changed).
+
+    `audiences`: type URL -> name -> the waypoints ("<ns>/<name>") allowed to see that upsert;
+    upserts not listed are visible to every proxy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.audiences: dict[str, dict[str, frozenset[str]]] = {}
 
 
 @dataclass
@@ -94,6 +113,7 @@ class _Affected:
     policies: set[ObjectKey] = field(default_factory=set)
     peer_authentications: set[ObjectKey] = field(default_factory=set)
     static_strict: bool = False
+    l7: L7Affected = field(default_factory=L7Affected)
 
 
 class Translator:
@@ -109,11 +129,11 @@ class Translator:
         self.trust_domain = check_trust_domain(trust_domain)
         self.root_namespace = root_namespace
         self.state = ClusterState(root_namespace=root_namespace)
+        self.waypoints = WaypointConfig(self.state, trust_domain=self.trust_domain)
         self._errors: dict[tuple[str, str, str], TranslationError] = {}
-        # type URL -> name -> (message, serialized bytes), as last emitted.
-        self._emitted: dict[str, dict[str, tuple[Message, bytes]]] = {
-            ADDRESS_TYPE_URL: {},
-            AUTHORIZATION_TYPE_URL: {},
+        # type URL -> name -> (message, serialized bytes, audience), as last emitted.
+        self._emitted: dict[str, dict[str, tuple[Message, bytes, frozenset[str] | None]]] = {
+            type_url: {} for type_url in (ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, *L7_TYPE_URLS)
         }
         # Each handler gets the object, or None for a delete.
         self._handlers: Mapping[
@@ -124,6 +144,7 @@ class Translator:
             "Service": self._service,
             "AuthorizationPolicy": self._authorization_policy,
             "PeerAuthentication": self._peer_authentication,
+            **dict.fromkeys(L7_KINDS, self._waypoint_config),
         }
         self._error_counter = (
             prometheus_client.Counter(
@@ -162,8 +183,11 @@ class Translator:
         return self._rebuild(affected)
 
     def errors(self) -> list[TranslationError]:
-        """Objects whose latest version was rejected (their previous version, if any, serves)."""
-        return [self._errors[key] for key in sorted(self._errors)]
+        """Objects whose latest version was rejected (their previous version, if any, serves),
+        then routes naming what does not exist (the host's last good routes serve)."""
+        rejected = [self._errors[key] for key in sorted(self._errors)]
+        unresolved = sorted(self.waypoints.errors() - set(rejected), key=str)
+        return rejected + unresolved
 
     def warnings(self) -> list[TranslationWarning]:
         """Accepted objects that are enforced differently from what they say."""
@@ -171,13 +195,15 @@ class Translator:
             warning
             for key in sorted(self.state.authorization_policies)
             for warning in self.state.authorization_policies[key].warnings
-        ]
+        ] + self.waypoints.warnings()
 
     def resources(self) -> dict[str, dict[str, Message]]:
-        """Every current resource: type URL -> name -> message."""
+        """Every current resource: type URL -> name -> message (the ztunnel types always, the
+        waypoint types once they have resources)."""
         return {
-            type_url: {name: message for name, (message, _) in emitted.items()}
+            type_url: {name: message for name, (message, _, _) in emitted.items()}
             for type_url, emitted in self._emitted.items()
+            if emitted or type_url not in L7_TYPE_URLS
         }
 
     def pods_on_node(self, node: str) -> list[Pod]:
@@ -197,23 +223,33 @@ class Translator:
     def _namespace(
         self, event: ObjectEvent, obj: Mapping[str, Any] | None, affected: _Affected
     ) -> None:
+        new: Namespace | None = None
         if obj is None:
             old = self.state.remove_namespace(event.name)
-            new_mode = ""
         else:
-            namespace = parse_namespace(event.name, obj)
-            old = self.state.put_namespace(namespace)
-            new_mode = namespace.dataplane_mode
+            new = parse_namespace(event.name, obj)
+            old = self.state.put_namespace(new)
         old_mode = old.dataplane_mode if old is not None else ""
-        if old_mode != new_mode:
+        if old_mode != (new.dataplane_mode if new is not None else ""):
             affected.pods.update(self.state.pods_in_namespace(event.name))
+        self.waypoints.namespace_changed(
+            event.name,
+            old.labels if old is not None else {},
+            new.labels if new is not None else {},
+            affected.l7,
+        )
 
     def _pod(self, event: ObjectEvent, obj: Mapping[str, Any] | None, affected: _Affected) -> None:
         key = (event.namespace, event.name)
-        if obj is None:
+        new = parse_pod(event.namespace, event.name, obj) if obj is not None else None
+        old = self.state.pods.get(key)
+        if old is not None and self.waypoints.has_waypoints:
+            # The services selecting the pod as it was: it may have left their endpoints.
+            self.waypoints.pod_services_changed(self.state.services_selecting(old), affected.l7)
+        if new is None:
             self.state.remove_pod(key)
         else:
-            self.state.put_pod(parse_pod(event.namespace, event.name, obj))
+            self.state.put_pod(new)
         affected.pods.add(key)
 
     def _service(
@@ -227,6 +263,7 @@ class Translator:
             new = parse_service(event.namespace, event.name, obj)
             old = self.state.put_service(new)
         affected.services.add(key)
+        self.waypoints.service_changed(service_hostname(*key), affected.l7)
         if _endpoint_shape(old) != _endpoint_shape(new):
             for service in (old, new):
                 if service is not None and service.selects_pods:
@@ -238,6 +275,7 @@ class Translator:
         self, event: ObjectEvent, obj: Mapping[str, Any] | None, affected: _Affected
     ) -> None:
         key = (event.namespace, event.name)
+        waypoint_policy = None
         if obj is None:
             old = self.state.remove_authorization_policy(key)
             new = None
@@ -245,7 +283,12 @@ class Translator:
             new = parse_authorization_policy(
                 event.namespace, event.name, obj, root_namespace=self.root_namespace
             )
+            if has_target_refs(obj):
+                waypoint_policy = parse_waypoint_policy(
+                    event.namespace, event.name, obj, root_namespace=self.root_namespace
+                )
             old = self.state.put_authorization_policy(new)
+        self.waypoints.put_policy(key, waypoint_policy, affected.l7)
         affected.policies.add(key)
         if _attachment(old) != _attachment(new):
             for policy in (old, new):
@@ -257,7 +300,11 @@ class Translator:
                     # Root-namespace selector policies apply in every namespace.
                     scope = None if policy.namespace == self.root_namespace else policy.namespace
                     affected.pods.update(self.state.pods_selected(scope, policy.selector))
-        for warning in new.warnings if new is not None else ():
+        warnings = (
+            *(new.warnings if new else ()),
+            *(waypoint_policy.warnings if waypoint_policy else ()),
+        )
+        for warning in warnings:
             _log.warning("policy accepted with a warning", warning=str(warning))
 
     def _peer_authentication(
@@ -287,6 +334,11 @@ class Translator:
             elif policy.namespace != self.root_namespace:
                 affected.pods.update(self.state.pods_selected(policy.namespace, policy.selector))
 
+    def _waypoint_config(
+        self, event: ObjectEvent, obj: Mapping[str, Any] | None, affected: _Affected
+    ) -> None:
+        self.waypoints.apply(event.kind, event.namespace, event.name, obj, affected.l7)
+
     def _reject(self, key: tuple[str, str, str], error: TranslationError) -> None:
         self._errors[key] = error
         if self._error_counter is not None:
@@ -304,20 +356,29 @@ class Translator:
 
     def _rebuild(self, affected: _Affected) -> ResourceDelta:
         delta = ResourceDelta()
+        affected.pods |= affected.l7.pods
+        affected.services |= affected.l7.services
         for pod_key in affected.pods:
             pod = self.state.pods.get(pod_key)
+            services = self.state.services_selecting(pod) if pod is not None else []
+            self.waypoints.pod_services_changed(services, affected.l7)
             if pod is not None and pod.has_workload:
                 self._emit(
                     delta,
                     ADDRESS_TYPE_URL,
                     pod.uid,
-                    workload_pb2.Address(workload=self._workload(pod)),
+                    workload_pb2.Address(workload=self._workload(pod, services)),
                 )
             else:
                 self._emit(delta, ADDRESS_TYPE_URL, workload_uid(*pod_key), None)
         for service_key in affected.services:
             service = self.state.services.get(service_key)
-            built = build_service(service) if service is not None else None
+            built = None
+            if service is not None:
+                waypoint = self.waypoints.service_waypoint(service)
+                built = build_service(
+                    service, waypoint=gateway_address(waypoint) if waypoint is not None else None
+                )
             name = f"{service_key[0]}/{service_hostname(*service_key)}"
             self._emit(
                 delta,
@@ -343,13 +404,12 @@ class Translator:
                 f"{self.root_namespace}/{STATIC_STRICT_POLICY_NAME}",
                 static,
             )
+        for emit in self.waypoints.rebuild(affected.l7):
+            self._emit(delta, emit.type_url, emit.name, emit.message, emit.audience)
         return delta
 
-    def _workload(self, pod: Pod) -> workload_pb2.Workload:
-        services = {
-            service.key: workload_ports(service, pod)
-            for service in self.state.services_selecting(pod)
-        }
+    def _workload(self, pod: Pod, selecting: list[KubeService]) -> workload_pb2.Workload:
+        services = {service.key: workload_ports(service, pod) for service in selecting}
         policies = sorted(policy.resource_name for policy in self.state.policies_selecting(pod))
         namespace_wide = (
             self.state.namespace_wide_peer_authentication(pod.namespace)
@@ -362,13 +422,17 @@ class Translator:
             namespace_wide=namespace_wide,
             workload=self.state.workload_peer_authentication(pod),
         )
-        return build_workload(
+        workload = build_workload(
             pod,
             namespace_dataplane_mode=self.state.namespace_dataplane_mode(pod.namespace),
             services=services,
             authorization_policies=policies,
             trust_domain=self.trust_domain,
         )
+        waypoint = self.waypoints.pod_waypoint(pod)
+        if waypoint is not None:
+            workload.waypoint.CopyFrom(gateway_address(waypoint))
+        return workload
 
     def _emit_converted_peer_authentication(self, delta: ResourceDelta, key: ObjectKey) -> None:
         policy = self.state.peer_authentications.get(key)
@@ -385,7 +449,12 @@ class Translator:
         )
 
     def _emit(
-        self, delta: ResourceDelta, type_url: str, name: str, message: Message | None
+        self,
+        delta: ResourceDelta,
+        type_url: str,
+        name: str,
+        message: Message | None,
+        audience: frozenset[str] | None = None,
     ) -> None:
         emitted = self._emitted[type_url]
         if message is None:
@@ -394,10 +463,12 @@ class Translator:
             return
         serialized = message.SerializeToString(deterministic=True)
         previous = emitted.get(name)
-        if previous is not None and previous[1] == serialized:
+        if previous is not None and previous[1] == serialized and previous[2] == audience:
             return
-        emitted[name] = (message, serialized)
+        emitted[name] = (message, serialized, audience)
         delta.setdefault(type_url, TypeDelta({}, set())).upserts[name] = message
+        if audience is not None:
+            delta.audiences.setdefault(type_url, {})[name] = audience
 
 
 def _endpoint_shape(

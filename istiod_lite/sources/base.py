@@ -46,6 +46,11 @@ KINDS: Mapping[str, KindInfo] = {
         "security.istio.io/v1", "authorizationpolicies", namespaced=True
     ),
     "PeerAuthentication": KindInfo("security.istio.io/v1", "peerauthentications", namespaced=True),
+    "VirtualService": KindInfo("networking.istio.io/v1", "virtualservices", namespaced=True),
+    "DestinationRule": KindInfo("networking.istio.io/v1", "destinationrules", namespaced=True),
+    "HTTPRoute": KindInfo("gateway.networking.k8s.io/v1", "httproutes", namespaced=True),
+    "Gateway": KindInfo("gateway.networking.k8s.io/v1", "gateways", namespaced=True),
+    "Waypoint": KindInfo("istiodlite.io/v1alpha1", "waypoints", namespaced=True),
 }
 
 Action = Literal["upsert", "delete"]

@@ -36,14 +36,11 @@ TYPE_URL_PREFIX = "type.googleapis.com/"
 # The waypoint keys ("<ns>/<name>") allowed to see a resource; None: every stream.
 Audience = frozenset[str] | None
 
-# What `XdsServer.apply` takes: type URL -> (upserts by name, names removed) or (upserts, names
-# removed, audiences by name of the upserts that are not visible to everyone).
-# istiod_lite.model's ResourceDelta (type URL -> TypeDelta(upserts, removals, audiences)) is one.
-TypeChanges = (
-    tuple[Mapping[str, Message], Set[str]]
-    | tuple[Mapping[str, Message], Set[str], Mapping[str, frozenset[str]]]
-)
-ResourceChanges = Mapping[str, TypeChanges]
+# What `XdsServer.apply` takes: type URL -> (upserts by name, names removed). It may also have
+# an attribute `audiences` (type URL -> name -> Audience) for upserts not visible to everyone.
+# istiod_lite.model's ResourceDelta (type URL -> TypeDelta(upserts, removals), with audiences)
+# is one.
+ResourceChanges = Mapping[str, tuple[Mapping[str, Message], Set[str]]]
 
 # name -> the new entry, or None for a removal; per type URL.
 StagedChanges = dict[str, dict[str, "StoredResource | None"]]
@@ -102,15 +99,15 @@ def stage(changes: ResourceChanges, served_type_urls: Set[str], staged: StagedCh
     if a type is not served or a message is not of its type.
     """
     encoded: StagedChanges = {}
-    for type_url, type_changes in changes.items():
+    audiences: Mapping[str, Mapping[str, frozenset[str]]] = getattr(changes, "audiences", {})
+    for type_url, (upserts, removals) in changes.items():
         if type_url not in served_type_urls:
             served = ", ".join(sorted(served_type_urls))
             raise ValueError(f"type URL {type_url} is not served (served: {served})")
-        upserts, removals = type_changes[0], type_changes[1]
-        audiences = type_changes[2] if len(type_changes) > 2 else {}
         entries: dict[str, StoredResource | None] = dict.fromkeys(removals)
+        scoped = audiences.get(type_url, {})
         for name, message in upserts.items():
-            entries[name] = encode_resource(type_url, name, message, audiences.get(name))
+            entries[name] = encode_resource(type_url, name, message, scoped.get(name))
         encoded[type_url] = entries
     for type_url, entries in encoded.items():
         staged.setdefault(type_url, {}).update(entries)

@@ -300,9 +300,7 @@ class XdsServer:
                 case Subscribed(type_url=type_url, served=served):
                     self._subscribers.setdefault(type_url, set()).add(entry)
                     if entry.session.viewer is not None:
-                        self._viewers.setdefault((type_url, entry.session.viewer), set()).add(
-                            entry
-                        )
+                        self._viewers.setdefault((type_url, entry.session.viewer), set()).add(entry)
                     if not served:
                         self._rejected_counter.labels("unknown_type_url").inc()
                         _log.warning(

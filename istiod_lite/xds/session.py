@@ -234,12 +234,7 @@ class DeltaSession:
             )
             state.pending.update(name for name in known if not self._visible(current, name))
         for name in state.names:
-            resource = current.get(name)
-            if (
-                resource is None
-                or not resource.visible_to(self.viewer)
-                or known.get(name) != resource.version
-            ):
+            if not self._visible(current, name) or known.get(name) != current[name].version:
                 state.pending.add(name)
         return state
 

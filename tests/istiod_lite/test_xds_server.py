@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 import trio
+from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 from prometheus_client import CollectorRegistry
@@ -17,7 +18,15 @@ from structlog.testing import capture_logs
 
 from meshcore._gen import authorization_pb2, workload_pb2
 from meshcore.xds.grpc_bridge import RpcStatusError, open_bidi_stream
-from meshcore.xds.types import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
+from meshcore.xds.types import (
+    ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
+    CLUSTER_TYPE_URL,
+    LISTENER_TYPE_URL,
+    ROUTE_TYPE_URL,
+)
+from istiod_lite.model import ResourceDelta, Translator, TypeDelta
+from istiod_lite.sources.base import ObjectEvent
 from istiod_lite.xds import XdsServer
 from istiod_lite.xds.server import ADS_SERVICE
 from istiod_lite.xds.resources import ResourceStore, stage
@@ -74,9 +83,10 @@ def decoded_workload(resource: discovery_pb2.Resource) -> workload_pb2.Workload:
 class RawClient:
     """One ADS stream: sends requests as written, returns responses as received."""
 
-    def __init__(self, stream, node_id: str) -> None:
+    def __init__(self, stream, node_id: str, metadata: dict[str, str] | None = None) -> None:
         self.stream = stream
         self.node_id = node_id
+        self.metadata = metadata or {}
 
     async def subscribe(self, type_url, names=(), *, unsubscribe=(), initial=None, node=True):
         request = discovery_pb2.DeltaDiscoveryRequest(
@@ -87,6 +97,7 @@ class RawClient:
         )
         if node:
             request.node.id = self.node_id
+            request.node.metadata.update(self.metadata)
         await self.stream.send(request)
 
     async def ack(self, response, *, error: str | None = None, subscribe=(), unsubscribe=()):
@@ -126,12 +137,13 @@ async def serving(*, ready: bool = True, **kwargs):
 async def connect(
     port: int,
     node_id: str = "ztunnel~10.0.0.9~ztunnel-abc.istio-system~istio-system.svc.cluster.local",
+    metadata: dict[str, str] | None = None,
 ):
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         async with open_bidi_stream(stub.DeltaAggregatedResources) as stream:
-            yield RawClient(stream, node_id)
+            yield RawClient(stream, node_id, metadata)
     finally:
         channel.close()
 
@@ -556,3 +568,179 @@ def test_session_rejects_requests_without_node_or_type_url():
     missing_type.type_url = ""
     with pytest.raises(XdsRequestError, match="type_url"):
         session.receive(missing_type)
+
+
+# --- Per-waypoint visibility ---
+
+
+def waypoint_node(namespace: str) -> tuple[str, dict[str, str]]:
+    """A waypoint's node id and metadata, as its xDS client sends them."""
+    node_id = f"waypoint~10.0.1.1~waypoint-0.{namespace}~{namespace}.svc.cluster.local"
+    return node_id, {
+        "NAME": "waypoint-0",
+        "NAMESPACE": namespace,
+        "WAYPOINT": f"{namespace}/waypoint",
+    }
+
+
+def two_waypoint_mesh() -> tuple[Translator, list]:
+    """Namespaces a and b, each with its waypoint and one bound service (a/web, b/api)."""
+    translator = Translator()
+    deltas = []
+    for namespace, name in (("a", "web"), ("b", "api")):
+        for event in (
+            ObjectEvent(
+                "Namespace",
+                "upsert",
+                "",
+                namespace,
+                {"metadata": {"labels": {"istio.io/use-waypoint": "waypoint"}}},
+            ),
+            ObjectEvent("Waypoint", "upsert", namespace, "waypoint", {"spec": {}}),
+            ObjectEvent(
+                "Service",
+                "upsert",
+                namespace,
+                name,
+                {
+                    "spec": {
+                        "selector": {"app": name},
+                        "clusterIP": "10.96.0.1",
+                        "ports": [{"port": 80}],
+                    }
+                },
+            ),
+        ):
+            deltas.append(translator.apply(event))
+    return translator, deltas
+
+
+async def sync(client: RawClient, type_url: str) -> discovery_pb2.DeltaDiscoveryResponse:
+    await client.subscribe(type_url)
+    response = await client.response()
+    await client.ack(response)
+    return response
+
+
+async def test_a_waypoint_stream_sees_only_its_services_config_and_ztunnels_every_address():
+    translator, deltas = two_waypoint_mesh()
+    async with serving(ready=False) as (server, port, _):
+        for delta in deltas:
+            server.apply(delta)
+        server.mark_ready()
+        async with connect(port, *waypoint_node("a")) as waypoint_a, connect(port) as ztunnel:
+            assert names(await sync(waypoint_a, LISTENER_TYPE_URL)) == {
+                "web.a.svc.cluster.local:80"
+            }
+            assert names(await sync(waypoint_a, CLUSTER_TYPE_URL)) == {
+                "outbound|80||web.a.svc.cluster.local"
+            }
+            # Addresses are for everyone: the waypoint resolves VIPs and endpoints with them.
+            every_address = set(translator.resources()[ADDRESS_TYPE_URL])
+            assert names(await sync(waypoint_a, ADDRESS_TYPE_URL)) == every_address
+            assert names(await sync(ztunnel, ADDRESS_TYPE_URL)) == every_address
+            assert names(await sync(ztunnel, LISTENER_TYPE_URL)) == set()
+            # Asking by name for another waypoint's resource gets its removal, not the resource.
+            await waypoint_a.subscribe(ROUTE_TYPE_URL, ["api.b.svc.cluster.local:80"])
+            response = await waypoint_a.response()
+            assert not response.resources and list(response.removed_resources) == [
+                "api.b.svc.cluster.local:80"
+            ]
+
+            # b's config changes: a's stream hears nothing of it.
+            server.apply(
+                translator.apply(
+                    ObjectEvent(
+                        "DestinationRule",
+                        "upsert",
+                        "b",
+                        "api",
+                        {
+                            "spec": {
+                                "host": "api",
+                                "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}},
+                            }
+                        },
+                    )
+                )
+            )
+            await waypoint_a.expect_nothing()
+
+
+async def test_a_service_moving_to_another_waypoint_leaves_one_stream_and_reaches_the_other():
+    translator, deltas = two_waypoint_mesh()
+    async with serving(ready=False) as (server, port, _):
+        for delta in deltas:
+            server.apply(delta)
+        server.mark_ready()
+        async with connect(port, *waypoint_node("a")) as waypoint_a, connect(
+            port, *waypoint_node("b")
+        ) as waypoint_b:
+            assert names(await sync(waypoint_a, LISTENER_TYPE_URL)) == {
+                "web.a.svc.cluster.local:80"
+            }
+            assert names(await sync(waypoint_b, LISTENER_TYPE_URL)) == {
+                "api.b.svc.cluster.local:80"
+            }
+            moved = ObjectEvent(
+                "Service",
+                "upsert",
+                "a",
+                "web",
+                {
+                    "metadata": {
+                        "labels": {
+                            "istio.io/use-waypoint": "waypoint",
+                            "istio.io/use-waypoint-namespace": "b",
+                        }
+                    },
+                    "spec": {
+                        "selector": {"app": "web"},
+                        "clusterIP": "10.96.0.1",
+                        "ports": [{"port": 80}],
+                    },
+                },
+            )
+            server.apply(translator.apply(moved))
+            left = await waypoint_a.response()
+            assert not left.resources and list(left.removed_resources) == [
+                "web.a.svc.cluster.local:80"
+            ]
+            arrived = await waypoint_b.response()
+            assert (
+                names(arrived) == {"web.a.svc.cluster.local:80"} and not arrived.removed_resources
+            )
+
+
+def scoped_store() -> ResourceStore:
+    store = ResourceStore([LISTENER_TYPE_URL])
+    delta = ResourceDelta()
+    delta[LISTENER_TYPE_URL] = TypeDelta(
+        {"mine": Listener(name="mine"), "theirs": Listener(name="theirs")}, set()
+    )
+    delta.audiences[LISTENER_TYPE_URL] = {
+        "mine": frozenset({"a/waypoint"}),
+        "theirs": frozenset({"b/waypoint"}),
+    }
+    staged: dict = {}
+    stage(delta, store.type_urls, staged)
+    store.commit(staged)
+    return store
+
+
+def test_session_reconnect_drops_what_the_waypoint_may_no_longer_see():
+    store = scoped_store()
+    session = DeltaSession(store)
+    request = discovery_pb2.DeltaDiscoveryRequest(
+        type_url=LISTENER_TYPE_URL,
+        initial_resource_versions={
+            "mine": store.get(LISTENER_TYPE_URL, "mine").version,
+            "theirs": "v1",
+        },
+    )
+    request.node.id = "waypoint~10.0.1.1~waypoint-0.a~a.svc.cluster.local"
+    request.node.metadata.update({"WAYPOINT": "a/waypoint"})
+    session.receive(request)
+    assert session.viewer == "a/waypoint"
+    # "mine" is up to date; "theirs" (held from before a rebinding) must go.
+    assert sent(session.next_response()) == (set(), {"theirs"})

@@ -6,8 +6,9 @@
   RANDOM), `connectionPool.tcp` (maxConnections, connectTimeout) and `.http`
   (http1MaxPendingRequests, http2MaxRequests, maxRequestsPerConnection, maxRetries,
   idleTimeout, h2UpgradePolicy, useClientProtocol), `outlierDetection` (consecutive5xxErrors,
-  consecutiveGatewayErrors, interval, baseEjectionTime, maxEjectionPercent,
-  minHealthPercent), `portLevelSettings`. Counts of 0 mean "not set", as in Istio.
+  consecutiveGatewayErrors, interval, baseEjectionTime, maxEjectionPercent; minHealthPercent
+  only 0: waypoints do not route to ejected endpoints in panic), `portLevelSettings`. Counts
+  of 0 mean "not set", as in Istio.
 - `subsets[]`: a name, pod labels, and a policy of their own.
 - The policy of one cluster (port, subset) is Istio's `MergeTrafficPolicy`: the top-level
   policy, overridden section by section (loadBalancer, connectionPool, outlierDetection) by
@@ -48,12 +49,16 @@ _ACCEPTED_TLS_MODES = frozenset({"DISABLE", "ISTIO_MUTUAL"})
 
 _SPEC = frozenset({"host", "trafficPolicy", "subsets", "exportTo"})
 _SPEC_UNSUPPORTED = frozenset({"workloadSelector"})
-_POLICY = frozenset({"loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings"})
+_POLICY = frozenset(
+    {"loadBalancer", "connectionPool", "outlierDetection", "tls", "portLevelSettings"}
+)
 _POLICY_UNSUPPORTED = frozenset({"proxyProtocol", "tunnel", "retryBudget"})
 _PORT_POLICY = frozenset({"port", "loadBalancer", "connectionPool", "outlierDetection", "tls"})
 _PORT_SELECTOR = frozenset({"number"})
 _LOAD_BALANCER = frozenset({"simple"})
-_LOAD_BALANCER_UNSUPPORTED = frozenset({"consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"})
+_LOAD_BALANCER_UNSUPPORTED = frozenset(
+    {"consistentHash", "localityLbSetting", "warmupDurationSecs", "warmup"}
+)
 _CONNECTION_POOL = frozenset({"tcp", "http"})
 _TCP = frozenset({"maxConnections", "connectTimeout"})
 _TCP_UNSUPPORTED = frozenset({"tcpKeepalive", "maxConnectionDuration", "idleTimeout"})
@@ -76,11 +81,15 @@ _OUTLIER = frozenset(
         "interval",
         "baseEjectionTime",
         "maxEjectionPercent",
-        "minHealthPercent",
     }
 )
 _OUTLIER_UNSUPPORTED = frozenset(
-    {"consecutiveErrors", "splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures"}
+    {
+        "minHealthPercent",
+        "consecutiveErrors",
+        "splitExternalLocalOriginErrors",
+        "consecutiveLocalOriginFailures",
+    }
 )
 _TLS = frozenset({"mode"})
 _SUBSET = frozenset({"name", "labels", "trafficPolicy"})
@@ -109,7 +118,6 @@ class OutlierDetection:
     interval: datetime.timedelta | None
     base_ejection_time: datetime.timedelta | None
     max_ejection_percent: int | None
-    min_health_percent: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,10 +168,6 @@ class DestinationRule:
     host: str  # FQDN (or a wildcard, which waypoints do not use)
     policy: PolicyWithPorts
     subsets: tuple[Subset, ...]
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.namespace, self.name)
 
     @property
     def age_key(self) -> tuple[str, str, str]:
@@ -222,7 +226,9 @@ def parse_destination_rule(namespace: str, name: str, obj: Mapping[str, Any]) ->
 def _policy_with_ports(ref: ObjectRef, value: Any, path: str) -> PolicyWithPorts:
     spec = values.section(ref, value, path, _POLICY, _POLICY_UNSUPPORTED)
     ports: dict[int, TrafficPolicy] = {}
-    for i, entry in enumerate(sequence(ref, spec.get("portLevelSettings"), f"{path}.portLevelSettings")):
+    for i, entry in enumerate(
+        sequence(ref, spec.get("portLevelSettings"), f"{path}.portLevelSettings")
+    ):
         entry_path = f"{path}.portLevelSettings[{i}]"
         settings = values.section(ref, entry, entry_path, _PORT_POLICY)
         selector = values.section(ref, settings.get("port"), f"{entry_path}.port", _PORT_SELECTOR)
@@ -283,25 +289,34 @@ def _connection_pool(ref: ObjectRef, value: Any, path: str) -> ConnectionPool | 
     spec = values.section(ref, value, path, _CONNECTION_POOL)
     tcp = values.section(ref, spec.get("tcp"), f"{path}.tcp", _TCP, _TCP_UNSUPPORTED)
     http = values.section(ref, spec.get("http"), f"{path}.http", _HTTP, _HTTP_UNSUPPORTED)
-    upgrade = string(ref, http.get("h2UpgradePolicy"), f"{path}.http.h2UpgradePolicy", default="DEFAULT")
+    upgrade = string(
+        ref, http.get("h2UpgradePolicy"), f"{path}.http.h2UpgradePolicy", default="DEFAULT"
+    )
     if upgrade not in _H2_UPGRADE_POLICIES:
         raise ref.error(
-            f"{path}.http.h2UpgradePolicy", f"{upgrade!r} is not one of DEFAULT, DO_NOT_UPGRADE, UPGRADE"
+            f"{path}.http.h2UpgradePolicy",
+            f"{upgrade!r} is not one of DEFAULT, DO_NOT_UPGRADE, UPGRADE",
         )
     return ConnectionPool(
         max_connections=_count(ref, tcp.get("maxConnections"), f"{path}.tcp.maxConnections"),
-        connect_timeout=_optional_duration(ref, tcp.get("connectTimeout"), f"{path}.tcp.connectTimeout"),
+        connect_timeout=_optional_duration(
+            ref, tcp.get("connectTimeout"), f"{path}.tcp.connectTimeout"
+        ),
         http1_max_pending_requests=_count(
             ref, http.get("http1MaxPendingRequests"), f"{path}.http.http1MaxPendingRequests"
         ),
-        http2_max_requests=_count(ref, http.get("http2MaxRequests"), f"{path}.http.http2MaxRequests"),
+        http2_max_requests=_count(
+            ref, http.get("http2MaxRequests"), f"{path}.http.http2MaxRequests"
+        ),
         max_requests_per_connection=_count(
             ref, http.get("maxRequestsPerConnection"), f"{path}.http.maxRequestsPerConnection"
         ),
         max_retries=_count(ref, http.get("maxRetries"), f"{path}.http.maxRetries"),
         idle_timeout=_optional_duration(ref, http.get("idleTimeout"), f"{path}.http.idleTimeout"),
         h2_upgrade=upgrade == "UPGRADE",
-        use_client_protocol=boolean(ref, http.get("useClientProtocol"), f"{path}.http.useClientProtocol"),
+        use_client_protocol=boolean(
+            ref, http.get("useClientProtocol"), f"{path}.http.useClientProtocol"
+        ),
     )
 
 
@@ -324,7 +339,8 @@ def _outlier_detection(ref: ObjectRef, value: Any, path: str) -> OutlierDetectio
         consecutive_5xx_errors=count("consecutive5xxErrors"),
         consecutive_gateway_errors=count("consecutiveGatewayErrors"),
         interval=_optional_duration(ref, spec.get("interval"), f"{path}.interval"),
-        base_ejection_time=_optional_duration(ref, spec.get("baseEjectionTime"), f"{path}.baseEjectionTime"),
+        base_ejection_time=_optional_duration(
+            ref, spec.get("baseEjectionTime"), f"{path}.baseEjectionTime"
+        ),
         max_ejection_percent=percent("maxEjectionPercent"),
-        min_health_percent=percent("minHealthPercent") or 0,
     )

@@ -50,9 +50,7 @@ _RULE_UNSUPPORTED = frozenset({"sessionPersistence", "retry"})
 _MATCH = frozenset({"path", "headers", "queryParams", "method"})
 _PATH = frozenset({"type", "value"})
 _NAMED_MATCH = frozenset({"type", "name", "value"})
-_FILTER = frozenset(
-    {"type", "requestHeaderModifier", "responseHeaderModifier", "urlRewrite"}
-)
+_FILTER = frozenset({"type", "requestHeaderModifier", "responseHeaderModifier", "urlRewrite"})
 _FILTER_UNSUPPORTED = frozenset({"requestRedirect", "requestMirror", "extensionRef", "cors"})
 _HEADER_MODIFIER = frozenset({"set", "add", "remove"})
 _HEADER_VALUE = frozenset({"name", "value"})
@@ -136,8 +134,14 @@ def parse_http_route(namespace: str, name: str, obj: Mapping[str, Any]) -> HttpR
 
 def _parent(ref: ObjectRef, value: Any, path: str, namespace: str) -> ParentRef:
     parent = values.section(ref, value, path, _PARENT)
-    group = string(ref, parent.get("group"), f"{path}.group", default=GATEWAY_GROUP)
     kind = string(ref, parent.get("kind"), f"{path}.kind", default="Gateway")
+    # Gateway API defaults the group to its own; a Service can only be the core group's.
+    group = string(
+        ref,
+        parent.get("group"),
+        f"{path}.group",
+        default="" if kind == "Service" else GATEWAY_GROUP,
+    )
     parent_name = string(ref, parent.get("name"), f"{path}.name")
     if not parent_name:
         raise ref.error(f"{path}.name", "required")
@@ -153,7 +157,15 @@ def _parent(ref: ObjectRef, value: Any, path: str, namespace: str) -> ParentRef:
                 "put the route in the Service's namespace",
             )
         return ParentRef("Service", parent_namespace, parent_name, port)
-    if (group, kind) in ((GATEWAY_GROUP, "Gateway"), (WAYPOINT_GROUP, "Waypoint")):
+    if (
+        (group, kind) == (GATEWAY_GROUP, "Gateway")
+        or kind == "Waypoint"
+        and group
+        in (
+            GATEWAY_GROUP,
+            WAYPOINT_GROUP,
+        )
+    ):
         return ParentRef("Waypoint", parent_namespace, parent_name, None)
     raise ref.error(
         f"{path}.kind",
@@ -229,9 +241,7 @@ def _ordered(
 
     counts = (1 if method else 0, len(headers) - (1 if method else 0), len(query_params))
     if rewrite is not None and rewrite.prefix is not None and kind != "PathPrefix":
-        raise ref.error(
-            f"{path}.path.type", "ReplacePrefixMatch rewrites need a PathPrefix match"
-        )
+        raise ref.error(f"{path}.path.type", "ReplacePrefixMatch rewrites need a PathPrefix match")
     replacement = rewrite.prefix if rewrite is not None else None
     if kind == "Exact":
         rules = [rule(StringMatch(MatchKind.EXACT, text), replacement)]
@@ -275,7 +285,9 @@ def _named(ref: ObjectRef, value: Any, path: str) -> list[tuple[str, StringMatch
             pattern = values.regex(ref, text, f"{entry_path}.value")
             conditions.append((name, StringMatch(MatchKind.REGEX, pattern)))
         else:
-            raise ref.error(f"{entry_path}.type", f"{kind!r} is not one of Exact, RegularExpression")
+            raise ref.error(
+                f"{entry_path}.type", f"{kind!r} is not one of Exact, RegularExpression"
+            )
     return conditions
 
 
@@ -296,10 +308,16 @@ def _filters(ref: ObjectRef, value: Any, path: str) -> tuple[HeaderOps, _UrlRewr
         if kind in ("RequestHeaderModifier", "ResponseHeaderModifier"):
             direction = "request" if kind.startswith("Request") else "response"
             field = f"{direction}HeaderModifier"
-            modifier = values.section(ref, spec.get(field), f"{entry_path}.{field}", _HEADER_MODIFIER)
+            modifier = values.section(
+                ref, spec.get(field), f"{entry_path}.{field}", _HEADER_MODIFIER
+            )
             for operation in ("set", "add"):
-                parts[f"{direction}_{operation}"] = parts.get(f"{direction}_{operation}", ()) + tuple(
-                    _header_values(ref, modifier.get(operation), f"{entry_path}.{field}.{operation}")
+                parts[f"{direction}_{operation}"] = parts.get(
+                    f"{direction}_{operation}", ()
+                ) + tuple(
+                    _header_values(
+                        ref, modifier.get(operation), f"{entry_path}.{field}.{operation}"
+                    )
                 )
             removed = modifier.get("remove")
             parts[f"{direction}_remove"] = parts.get(f"{direction}_remove", ()) + tuple(
@@ -338,7 +356,9 @@ def _url_rewrite(ref: ObjectRef, value: Any, path: str) -> _UrlRewrite:
         if kind == "ReplaceFullPath":
             full_path = string(ref, modifier.get("replaceFullPath"), f"{path}.path.replaceFullPath")
         elif kind == "ReplacePrefixMatch":
-            prefix = string(ref, modifier.get("replacePrefixMatch"), f"{path}.path.replacePrefixMatch")
+            prefix = string(
+                ref, modifier.get("replacePrefixMatch"), f"{path}.path.replacePrefixMatch"
+            )
             prefix = prefix or "/"
         else:
             raise ref.error(
@@ -357,7 +377,9 @@ def _backends(ref: ObjectRef, value: Any, path: str, namespace: str) -> tuple[De
         group = string(ref, backend.get("group"), f"{entry_path}.group")
         kind = string(ref, backend.get("kind"), f"{entry_path}.kind", default="Service")
         if group not in _CORE_GROUPS or kind != "Service":
-            raise ref.error(f"{entry_path}.kind", f"{group or 'core'}/{kind}: only Services are supported")
+            raise ref.error(
+                f"{entry_path}.kind", f"{group or 'core'}/{kind}: only Services are supported"
+            )
         backend_namespace = string(ref, backend.get("namespace"), f"{entry_path}.namespace")
         if backend_namespace and backend_namespace != namespace:
             raise ref.error(
@@ -374,7 +396,9 @@ def _backends(ref: ObjectRef, value: Any, path: str, namespace: str) -> tuple[De
         )
         headers, rewrite = _filters(ref, backend.get("filters"), f"{entry_path}.filters")
         if rewrite is not None:
-            raise ref.error(f"{entry_path}.filters", "URLRewrite is supported on rules, not backends")
+            raise ref.error(
+                f"{entry_path}.filters", "URLRewrite is supported on rules, not backends"
+            )
         if weight:
             destinations.append(
                 Destination(

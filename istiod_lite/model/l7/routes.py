@@ -17,7 +17,6 @@ from istiod_lite.model.fields import ObjectRef
 class MatchKind(enum.Enum):
     EXACT = "exact"
     PREFIX = "prefix"
-    SUFFIX = "suffix"
     REGEX = "regex"
     PRESENT = "present"  # headers and query parameters only: the name is there, any value
 

@@ -33,7 +33,7 @@ _DURATION_UNITS_US: Mapping[str, float] = {
     "µs": 1,
     "ns": 0.001,
 }
-_DURATION = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:h|ms|m|s|us|µs|ns)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
 _SERVICE_SUFFIX = f".svc.{CLUSTER_DOMAIN}"
 _MAX_PERCENT = 100.0
 
@@ -59,13 +59,9 @@ def duration(
     if text.startswith("-"):
         raise ref.error(path, f"{value!r} is negative; durations must be positive")
     position, micros = 0, 0.0
-    for match in _DURATION.finditer(text):
-        if match.start() != position:
-            break
-        number = re.match(r"[\d.]+", match.group()).group()  # type: ignore[union-attr]
-        unit = match.group()[len(number) :]
-        micros += float(number) * _DURATION_UNITS_US[unit]
-        position = match.end()
+    while position < len(text) and (part := _DURATION_PART.match(text, position)) is not None:
+        micros += float(part.group(1)) * _DURATION_UNITS_US[part.group(2)]
+        position = part.end()
     if position != len(text) or position == 0:
         raise ref.error(
             path, f"{value!r} is not a duration (use a number and a unit: h, m, s, ms, us, ns)"

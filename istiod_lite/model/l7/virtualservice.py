@@ -81,9 +81,7 @@ RETRY_CONDITIONS = frozenset(
 
 _SPEC = frozenset({"hosts", "gateways", "http", "exportTo"})
 _SPEC_UNSUPPORTED = frozenset({"tcp", "tls"})
-_HTTP = frozenset(
-    {"name", "match", "route", "rewrite", "timeout", "retries", "fault", "headers"}
-)
+_HTTP = frozenset({"name", "match", "route", "rewrite", "timeout", "retries", "fault", "headers"})
 _HTTP_UNSUPPORTED = frozenset(
     {
         "redirect",
@@ -140,10 +138,6 @@ class VirtualService:
     # False: bound to ingress gateways only, so no waypoint uses it.
     for_mesh: bool
     rules: tuple[RouteRule, ...]
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.namespace, self.name)
 
     @property
     def age_key(self) -> tuple[str, str, str]:
@@ -214,7 +208,11 @@ def _match(ref: ObjectRef, value: Any, path: str) -> RequestMatch | None:
     match = values.section(ref, value, path, _MATCH, _MATCH_UNSUPPORTED)
     gateways = string_list(ref, match.get("gateways"), f"{path}.gateways")
     headers: list[HeaderMatch] = []
-    for field, pseudo_header in (("method", ":method"), ("authority", ":authority"), ("scheme", ":scheme")):
+    for field, pseudo_header in (
+        ("method", ":method"),
+        ("authority", ":authority"),
+        ("scheme", ":scheme"),
+    ):
         if match.get(field) is not None:
             condition = string_match(ref, match[field], f"{path}.{field}", allow_present=False)
             headers.append(HeaderMatch(pseudo_header, condition))
@@ -226,7 +224,9 @@ def _match(ref: ObjectRef, value: Any, path: str) -> RequestMatch | None:
             )
     query_params = tuple(
         QueryParamMatch(param, string_match(ref, condition, f"{path}.queryParams.{param}"))
-        for param, condition in mapping(ref, match.get("queryParams"), f"{path}.queryParams").items()
+        for param, condition in mapping(
+            ref, match.get("queryParams"), f"{path}.queryParams"
+        ).items()
     )
     uri = (
         string_match(ref, match["uri"], f"{path}.uri", allow_present=False)
@@ -252,7 +252,7 @@ def _match(ref: ObjectRef, value: Any, path: str) -> RequestMatch | None:
 def string_match(
     ref: ObjectRef, value: Any, path: str, *, allow_present: bool = True
 ) -> StringMatch:
-    """Istio's StringMatch: exactly one of exact/prefix/regex; `{}` means "present" where allowed."""
+    """Istio's StringMatch: one of exact/prefix/regex; `{}` means "present" where allowed."""
     condition = values.section(ref, value, path, _STRING_MATCH)
     given = [key for key in ("exact", "prefix", "regex") if condition.get(key) is not None]
     if not given:
@@ -270,9 +270,7 @@ def string_match(
     return StringMatch(MatchKind.EXACT if key == "exact" else MatchKind.PREFIX, text)
 
 
-def _destinations(
-    ref: ObjectRef, value: Any, path: str, namespace: str
-) -> tuple[Destination, ...]:
+def _destinations(ref: ObjectRef, value: Any, path: str, namespace: str) -> tuple[Destination, ...]:
     entries = sequence(ref, value, path)
     if not entries:
         raise ref.error(path, "required: at least one destination")
@@ -280,12 +278,16 @@ def _destinations(
     for i, entry in enumerate(entries):
         entry_path = f"{path}[{i}]"
         route = values.section(ref, entry, entry_path, _ROUTE)
-        target = values.section(ref, route.get("destination"), f"{entry_path}.destination", _DESTINATION)
+        target = values.section(
+            ref, route.get("destination"), f"{entry_path}.destination", _DESTINATION
+        )
         host = string(ref, target.get("host"), f"{entry_path}.destination.host")
         if not host:
             raise ref.error(f"{entry_path}.destination.host", "required")
         if host.startswith("*"):
-            raise ref.error(f"{entry_path}.destination.host", f"{host!r}: a destination cannot be a wildcard")
+            raise ref.error(
+                f"{entry_path}.destination.host", f"{host!r}: a destination cannot be a wildcard"
+            )
         port = None
         if target.get("port") is not None:
             selector = values.section(
@@ -293,7 +295,9 @@ def _destinations(
             )
             port = port_number(ref, selector.get("number"), f"{entry_path}.destination.port.number")
         weight = (
-            values.integer(ref, route["weight"], f"{entry_path}.weight", minimum=0, maximum=TOTAL_WEIGHT)
+            values.integer(
+                ref, route["weight"], f"{entry_path}.weight", minimum=0, maximum=TOTAL_WEIGHT
+            )
             if route.get("weight") is not None
             else None
         )
@@ -311,10 +315,13 @@ def _destinations(
         total = sum(d.weight for d in destinations)
         if total != TOTAL_WEIGHT:
             raise ref.error(
-                path, f"weights add up to {total}; with several destinations they must add up to 100"
+                path,
+                f"weights add up to {total}; with several destinations they must add up to 100",
             )
     elif destinations[0].weight == 0:
-        raise ref.error(f"{path}[0].weight", "the only destination has weight 0: nothing would be routed")
+        raise ref.error(
+            f"{path}[0].weight", "the only destination has weight 0: nothing would be routed"
+        )
     return tuple(destinations)
 
 
@@ -401,7 +408,9 @@ def _rewrite(ref: ObjectRef, value: Any, path: str) -> Rewrite | None:
     if rewrite.get("uriRegexRewrite") is not None:
         if uri:
             raise ref.error(path, "set only one of uri and uriRegexRewrite")
-        spec = values.section(ref, rewrite["uriRegexRewrite"], f"{path}.uriRegexRewrite", _REGEX_REWRITE)
+        spec = values.section(
+            ref, rewrite["uriRegexRewrite"], f"{path}.uriRegexRewrite", _REGEX_REWRITE
+        )
         regex = (
             values.regex(ref, spec.get("match"), f"{path}.uriRegexRewrite.match"),
             string(ref, spec.get("rewrite"), f"{path}.uriRegexRewrite.rewrite"),

@@ -66,10 +66,6 @@ class Waypoint:
     name: str
     traffic_type: TrafficType
 
-    @property
-    def key(self) -> WaypointKey:
-        return (self.namespace, self.name)
-
 
 def audience_key(key: WaypointKey) -> str:
     """The waypoint's name in resource audiences and in its proxies' `WAYPOINT` metadata."""
