@@ -7,6 +7,7 @@
     ambientctl delete -f FILE|DIR       delete the objects named in the files
     ambientctl get pods|services|namespaces [NAME...] [-n NS | -A] [-o wide|yaml]
     ambientctl label namespace NS k=v [k2-] [--overwrite]
+    ambientctl waypoint apply -n NS [--name N] [--enroll-namespace] | list [-n NS | -A] | delete -n NS [--name N]
 
 Every command takes `--run-dir` (default: $AMBIENT_RUN_DIR, else /var/run/ambient-mesh as root
 or when it exists, else ./run). Exit status: 0 success, 1 refused or failed, 2 usage errors.
@@ -61,6 +62,7 @@ from ambientctl.runtime.netns import (
 )
 from ambientctl.runtime.processes import DEFAULT_GRACE_SECONDS
 from ambientctl.runtime.store import ObjectStore, StoreError
+from ambientctl.waypoints import DEFAULT_WAYPOINT_NAME, USE_WAYPOINT_LABEL, apply_waypoint, delete_waypoint, list_waypoints
 from meshcore.log import LEVEL_NAMES, configure_logging
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "bookinfo"
@@ -158,6 +160,21 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("-n", "--namespace", default=DEFAULT_NAMESPACE)
     label.add_argument("--overwrite", action="store_true", help="allow replacing a label's value")
     label.set_defaults(command=_label, trailing="changes")
+
+    waypoint = commands.add_parser("waypoint", parents=[common], help="run waypoints (like `istioctl waypoint`)")
+    waypoint_commands = waypoint.add_subparsers(required=True, metavar="apply|list|delete")
+    apply_waypoint_cmd = waypoint_commands.add_parser("apply", parents=[common], help="create or update a waypoint")
+    apply_waypoint_cmd.add_argument("-n", "--namespace", default=DEFAULT_NAMESPACE)
+    apply_waypoint_cmd.add_argument("--name", default=DEFAULT_WAYPOINT_NAME)
+    apply_waypoint_cmd.add_argument("--enroll-namespace", action="store_true", help=f"label the namespace {USE_WAYPOINT_LABEL}=NAME")
+    apply_waypoint_cmd.set_defaults(command=_waypoint_apply)
+    list_waypoint_cmd = waypoint_commands.add_parser("list", parents=[common], help="list waypoints")
+    _add_namespace_options(list_waypoint_cmd)
+    list_waypoint_cmd.set_defaults(command=_waypoint_list)
+    delete_waypoint_cmd = waypoint_commands.add_parser("delete", parents=[common], help="delete a waypoint")
+    delete_waypoint_cmd.add_argument("-n", "--namespace", default=DEFAULT_NAMESPACE)
+    delete_waypoint_cmd.add_argument("--name", default=DEFAULT_WAYPOINT_NAME)
+    delete_waypoint_cmd.set_defaults(command=_waypoint_delete)
     return parser
 
 
@@ -375,6 +392,32 @@ def _label(args: argparse.Namespace, run_dir: RunDir) -> int:
             set_labels[name] = value
     key = ObjectKey(group="", kind=kind, namespace=namespace, name=args.name)
     print(ObjectStore(run_dir.store).label(key, set_labels=set_labels, remove=remove, overwrite=args.overwrite))
+    return 0
+
+
+# --- waypoint ---
+
+
+def _waypoint_apply(args: argparse.Namespace, run_dir: RunDir) -> int:
+    for change in apply_waypoint(ObjectStore(run_dir.store), run_dir, args.namespace, args.name, enroll_namespace=args.enroll_namespace):
+        print(change)
+    return 0
+
+
+def _waypoint_list(args: argparse.Namespace, run_dir: RunDir) -> int:
+    waypoints = list_waypoints(ObjectStore(run_dir.store), None if args.all_namespaces else args.namespace)
+    if not waypoints:
+        where = "" if args.all_namespaces else f" in {args.namespace} namespace"
+        print(f"No waypoints found{where}.", file=sys.stderr)
+        return 0
+    rows = [[w.namespace, w.name, f"{w.ready_pods}/{w.pods}", w.traffic_type] for w in waypoints]
+    print(_table(["NAMESPACE", "NAME", "READY", "TRAFFIC TYPE"], rows))
+    return 0
+
+
+def _waypoint_delete(args: argparse.Namespace, run_dir: RunDir) -> int:
+    for change in delete_waypoint(ObjectStore(run_dir.store), args.namespace, args.name):
+        print(change)
     return 0
 
 
