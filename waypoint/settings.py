@@ -20,13 +20,11 @@ Relative paths are relative to the config file. Errors name the file and the fie
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from meshcore.config import ConfigError, ConfigReader, ControlPlane, load_yaml_file
 from meshcore.identity.spiffe import Identity, InvalidIdentity
 
 DEFAULT_PORTS = {"hbone": 15008, "metrics": 15020, "readiness": 15021, "admin": 15000}
@@ -37,10 +35,6 @@ _HTTP_FIELDS = {
     "headerTimeoutSeconds": "header_timeout",
     "idleTimeoutSeconds": "idle_timeout",
 }
-
-
-class ConfigError(ValueError):
-    """The waypoint configuration is unusable; the message names file and field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,15 +66,6 @@ class Ports:
 
 
 @dataclass(frozen=True, slots=True)
-class ControlPlane:
-    """Routes over delta xDS and certificates from istiod_lite's CA (TLS when root_cert_path)."""
-
-    address: str
-    token_path: Path
-    root_cert_path: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class WaypointSettings:
     name: str
     namespace: str
@@ -103,89 +88,37 @@ class WaypointSettings:
 
 
 def load_settings(path: Path) -> WaypointSettings:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_settings(raw, source=str(path), base=path.parent)
+    return parse_settings(load_yaml_file(path), source=str(path), base=path.parent)
 
 
 def parse_settings(raw: Any, *, source: str, base: Path) -> WaypointSettings:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - set(_TOP_LEVEL))
-    if unknown:
-        raise ConfigError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(_TOP_LEVEL)})")
-
-    def text(key: str, value: Any) -> str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{source}: {key}: expected a non-empty string, got {value!r}")
-        return value
-
-    def required(key: str) -> Any:
-        if key not in raw:
-            raise ConfigError(f"{source}: {key}: required")
-        return raw[key]
+    config = ConfigReader(raw, source=source, base=base, known=_TOP_LEVEL)
 
     def number(key: str, value: Any, *, integer: bool = False) -> float:
         kinds = (int,) if integer else (int, float)
         if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
             kind = "a positive integer" if integer else "a positive number"
-            raise ConfigError(f"{source}: {key}: expected {kind}, got {value!r}")
+            raise config.fail(key, f"expected {kind}, got {value!r}")
         return value
 
-    address = text("address", required("address"))
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        raise ConfigError(f"{source}: address: {address!r} is not an IP address") from None
-
-    cp = required("controlPlane")
-    if not isinstance(cp, dict) or not {"address", "tokenFile"} <= set(cp) or set(cp) - {"address", "tokenFile", "rootCert"}:
-        raise ConfigError(f"{source}: controlPlane: expected {{address: HOST:PORT, tokenFile: PATH, rootCert: PATH}}, got {cp!r}")
-    host, _, port = text("controlPlane.address", cp["address"]).rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"{source}: controlPlane.address: expected HOST:PORT, got {cp['address']!r}")
-    control_plane = ControlPlane(
-        address=cp["address"],
-        token_path=base / text("controlPlane.tokenFile", cp["tokenFile"]),
-        root_cert_path=base / text("controlPlane.rootCert", cp["rootCert"]) if "rootCert" in cp else None,
-    )
-
-    ports_raw = raw.get("ports") or {}
-    if not isinstance(ports_raw, dict):
-        raise ConfigError(f"{source}: ports: expected a mapping, got {ports_raw!r}")
-    ports = dict(DEFAULT_PORTS)
-    for name, value in ports_raw.items():
-        if name not in DEFAULT_PORTS:
-            raise ConfigError(f"{source}: ports.{name}: unknown port (known: {', '.join(DEFAULT_PORTS)})")
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
-            raise ConfigError(f"{source}: ports.{name}: expected a port number 0-65535, got {value!r}")
-        ports[name] = value
-
-    http_raw = raw.get("http") or {}
-    if not isinstance(http_raw, dict):
-        raise ConfigError(f"{source}: http: expected a mapping, got {http_raw!r}")
+    address = config.ip_address("address")
+    config.required("controlPlane")
+    control_plane = config.control_plane()
+    ports = config.ports(DEFAULT_PORTS)
     http: dict[str, float] = {}
-    for name, value in http_raw.items():
+    for name, value in config.mapping("http").items():
         if name not in _HTTP_FIELDS:
-            raise ConfigError(f"{source}: http.{name}: unknown field (known: {', '.join(_HTTP_FIELDS)})")
+            raise config.fail(f"http.{name}", f"unknown field (known: {', '.join(_HTTP_FIELDS)})")
         http[_HTTP_FIELDS[name]] = number(f"http.{name}", value, integer=name.endswith("Bytes"))
 
-    drain = raw.get("drainSeconds", 5.0)
-    if not isinstance(drain, (int, float)) or isinstance(drain, bool) or drain < 0:
-        raise ConfigError(f"{source}: drainSeconds: expected a non-negative number, got {drain!r}")
-
     settings = WaypointSettings(
-        name=text("name", required("name")),
-        namespace=text("namespace", required("namespace")),
+        name=config.text("name", config.required("name")),
+        namespace=config.text("namespace", config.required("namespace")),
         address=address,
         control_plane=control_plane,
-        trust_domain=text("trustDomain", raw.get("trustDomain", "cluster.local")),
+        trust_domain=config.text("trustDomain", raw.get("trustDomain", "cluster.local")),
         ports=Ports(**ports),
-        drain_seconds=float(drain),
+        drain_seconds=config.seconds("drainSeconds", 5.0),
         http=HttpLimits(**http),  # type: ignore[arg-type]
     )
     try:

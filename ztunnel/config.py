@@ -20,12 +20,11 @@ Relative paths are relative to the config file. Errors name the file and the fie
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from meshcore.config import ConfigError, ConfigReader, ControlPlane, load_yaml_file
 
 DEFAULT_PORTS = {
     "outbound": 15001,
@@ -37,10 +36,6 @@ DEFAULT_PORTS = {
     "admin": 15000,
 }
 _TOP_LEVEL = ("node", "address", "trustDomain", "state", "ca", "controlPlane", "ports", "drainSeconds", "inpod")
-
-
-class ConfigError(ValueError):
-    """The ztunnel configuration is unusable; the message names file and field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +64,6 @@ class LocalSource:
 
 
 @dataclass(frozen=True, slots=True)
-class ControlPlane:
-    """State over delta xDS and certificates from istiod_lite's CA (TLS when root_cert_path)."""
-
-    address: str
-    token_path: Path
-    root_cert_path: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class ZtunnelConfig:
     node: str
     address: str
@@ -89,80 +75,33 @@ class ZtunnelConfig:
 
 
 def load_config(path: Path) -> ZtunnelConfig:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_config(raw, source=str(path), base=path.parent)
+    return parse_config(load_yaml_file(path), source=str(path), base=path.parent)
 
 
 def parse_config(raw: Any, *, source: str, base: Path) -> ZtunnelConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - set(_TOP_LEVEL))
-    if unknown:
-        raise ConfigError(f"{source}: unknown field {unknown[0]!r} (known: {', '.join(_TOP_LEVEL)})")
-
-    def text(key: str, value: Any) -> str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{source}: {key}: expected a non-empty string, got {value!r}")
-        return value
-
-    def required(key: str) -> Any:
-        if key not in raw:
-            raise ConfigError(f"{source}: {key}: required")
-        return raw[key]
-
-    address = text("address", required("address"))
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        raise ConfigError(f"{source}: address: {address!r} is not an IP address") from None
+    config = ConfigReader(raw, source=source, base=base, known=_TOP_LEVEL)
+    address = config.ip_address("address")
     if "controlPlane" in raw:
         if "state" in raw or "ca" in raw:
-            raise ConfigError(f"{source}: controlPlane: cannot be combined with state/ca (choose one source)")
-        cp = raw["controlPlane"]
-        if not isinstance(cp, dict) or not {"address", "tokenFile"} <= set(cp) or set(cp) - {"address", "tokenFile", "rootCert"}:
-            raise ConfigError(f"{source}: controlPlane: expected {{address: HOST:PORT, tokenFile: PATH, rootCert: PATH}}, got {cp!r}")
-        host, _, port = text("controlPlane.address", cp["address"]).rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"{source}: controlPlane.address: expected HOST:PORT, got {cp['address']!r}")
-        origin: LocalSource | ControlPlane = ControlPlane(
-            address=cp["address"],
-            token_path=base / text("controlPlane.tokenFile", cp["tokenFile"]),
-            root_cert_path=base / text("controlPlane.rootCert", cp["rootCert"]) if "rootCert" in cp else None,
-        )
+            raise config.fail("controlPlane", "cannot be combined with state/ca (choose one source)")
+        origin: LocalSource | ControlPlane = config.control_plane()
     else:
-        ca = required("ca")
+        ca = config.required("ca")
         if not isinstance(ca, dict) or set(ca) != {"cert", "key"}:
-            raise ConfigError(f"{source}: ca: expected {{cert: PATH, key: PATH}}, got {ca!r}")
+            raise config.fail("ca", f"expected {{cert: PATH, key: PATH}}, got {ca!r}")
         origin = LocalSource(
-            state_path=base / text("state", required("state")),
-            ca_cert_path=base / text("ca.cert", ca["cert"]),
-            ca_key_path=base / text("ca.key", ca["key"]),
+            state_path=config.path("state", config.required("state")),
+            ca_cert_path=config.path("ca.cert", ca["cert"]),
+            ca_key_path=config.path("ca.key", ca["key"]),
         )
-    ports_raw = raw.get("ports") or {}
-    if not isinstance(ports_raw, dict):
-        raise ConfigError(f"{source}: ports: expected a mapping, got {ports_raw!r}")
-    ports: dict[str, int] = dict(DEFAULT_PORTS)
-    for name, value in ports_raw.items():
-        if name not in DEFAULT_PORTS:
-            raise ConfigError(f"{source}: ports.{name}: unknown port (known: {', '.join(DEFAULT_PORTS)})")
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
-            raise ConfigError(f"{source}: ports.{name}: expected a port number 0-65535, got {value!r}")
-        ports[name] = value
+    ports = config.ports(DEFAULT_PORTS)
     inpod = raw.get("inpod")
     if inpod is not None and (not isinstance(inpod, dict) or set(inpod) != {"socket"}):
-        raise ConfigError(f"{source}: inpod: expected {{socket: PATH}}, got {inpod!r}")
-    drain = raw.get("drainSeconds", 5.0)
-    if not isinstance(drain, (int, float)) or isinstance(drain, bool) or drain < 0:
-        raise ConfigError(f"{source}: drainSeconds: expected a non-negative number, got {drain!r}")
+        raise config.fail("inpod", f"expected {{socket: PATH}}, got {inpod!r}")
     return ZtunnelConfig(
-        node=text("node", required("node")),
+        node=config.text("node", config.required("node")),
         address=address,
-        trust_domain=text("trustDomain", raw.get("trustDomain", "cluster.local")),
+        trust_domain=config.text("trustDomain", raw.get("trustDomain", "cluster.local")),
         source=origin,
         ports=Ports(
             outbound=ports["outbound"],
@@ -173,6 +112,6 @@ def parse_config(raw: Any, *, source: str, base: Path) -> ZtunnelConfig:
             readiness=ports["readiness"],
             admin=ports["admin"],
         ),
-        drain_seconds=float(drain),
-        inpod_socket=base / text("inpod.socket", inpod["socket"]) if inpod else None,
+        drain_seconds=config.seconds("drainSeconds", 5.0),
+        inpod_socket=config.path("inpod.socket", inpod["socket"]) if inpod else None,
     )
