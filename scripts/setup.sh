@@ -35,3 +35,9 @@ fi
 if [ "$(id -u)" -eq 0 ]; then
   "$repo/scripts/kube-apiserver.sh" build
 fi
+
+# The one-machine mesh's kube-proxy-style service NAT between pods of one node needs
+# br_netfilter (`ambientctl up` says so clearly if it is still missing).
+if [ "$(id -u)" -eq 0 ] && [ ! -d /proc/sys/net/bridge ]; then
+  modprobe br_netfilter 2>/dev/null || echo "setup: could not load br_netfilter; \`ambientctl up\` will explain" >&2
+fi
