@@ -241,8 +241,10 @@ policies: []
 """
 
 
-def start_ztunnel_pair(pki: Pki, workdir: Path, stack: contextlib.ExitStack) -> list[int]:
-    (workdir / "state.yaml").write_text(_STATE)
+def start_ztunnel_pair(pki: Pki, workdir: Path, stack: contextlib.ExitStack, *, state: str = _STATE) -> list[int]:
+    """ztunnel A (outbound, the client's node) and B (inbound, the server's node) sharing the
+    local `state` file; returns their pids (A first)."""
+    (workdir / "state.yaml").write_text(state)
     (workdir / "ca.pem").write_bytes(pki.ca.cert_pem)
     (workdir / "ca-key.pem").write_bytes(pki.ca.key_pem)
     (workdir / "ca-key.pem").chmod(0o600)

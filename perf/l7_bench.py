@@ -43,9 +43,6 @@ from perf.l4_bench import (  # noqa: E402
     APP_PORT,
     CLIENT_IP,
     DIRECT,
-    METRICS_PORT,
-    NODE_A_ADDRESS,
-    NODE_B_ADDRESS,
     OUTBOUND_PORT,
     PACKET_MARK,
     READINESS_PORT,
@@ -58,6 +55,7 @@ from perf.l4_bench import (  # noqa: E402
     _nft,
     make_pki,
     run_wrk,
+    start_ztunnel_pair,
 )
 from perf.nginx import start_nginx  # noqa: E402
 
@@ -214,48 +212,8 @@ def _state() -> str:
     )
 
 
-def start_ztunnel_pair(pki: Pki, workdir: Path, stack: contextlib.ExitStack) -> tuple[int, int]:
-    """ztunnel A (outbound, the client's node) and B (inbound, the server's node); their pids."""
-    (workdir / "state.yaml").write_text(_state())
-    (workdir / "ca.pem").write_bytes(pki.ca.cert_pem)
-    (workdir / "ca-key.pem").write_bytes(pki.ca.key_pem)
-    (workdir / "ca-key.pem").chmod(0o600)
-    pids = []
-    for node, address, ports in (
-        ("node-a", NODE_A_ADDRESS, {"outbound": OUTBOUND_PORT, "inbound": 0}),
-        ("node-b", NODE_B_ADDRESS, {"outbound": 0, "inbound": HBONE_PORT}),
-    ):
-        config = workdir / f"ztunnel-{node}.yaml"
-        config.write_text(
-            json.dumps(
-                {
-                    "node": node,
-                    "address": address,
-                    "trustDomain": TRUST_DOMAIN,
-                    "state": "state.yaml",
-                    "ca": {"cert": "ca.pem", "key": "ca-key.pem"},
-                    "ports": {
-                        **ports,
-                        "inboundPlaintext": 0,
-                        "socks5": 0,
-                        "admin": 0,
-                        "metrics": METRICS_PORT,
-                        "readiness": READINESS_PORT,
-                    },
-                }
-            )
-        )
-        process = start_process(
-            f"ztunnel-{node}", [sys.executable, "-m", "ztunnel", "--config", config], log_dir=workdir, cwd=REPO
-        )
-        stack.enter_context(process)
-        wait_for_http_ok(f"http://{address}:{READINESS_PORT}/healthz/ready", timeout=20, process=process)
-        pids.append(process.pid)
-    return pids[0], pids[1]
-
-
 def start_waypoint(workdir: Path, stack: contextlib.ExitStack) -> int:
-    """Our waypoint as its own process (ca.pem / ca-key.pem written by start_ztunnel_pair)."""
+    """Our waypoint as its own process (ca.pem / ca-key.pem written by l4_bench.start_ztunnel_pair)."""
     process = start_process(
         "waypoint",
         [
@@ -373,7 +331,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> list[PathResult]:
     pki = make_pki()
     with contextlib.ExitStack() as stack:
         stack.enter_context(start_nginx([DIRECT, (SERVER_IP, APP_PORT)], workdir=workdir))
-        ztunnel_a, ztunnel_b = start_ztunnel_pair(pki, workdir, stack)
+        ztunnel_a, ztunnel_b = start_ztunnel_pair(pki, workdir, stack, state=_state())
         waypoint = start_waypoint(workdir, stack)
         envoys = start_envoy_waypoint(pki, workdir, stack)
         install_redirect(stack)

@@ -26,6 +26,9 @@ from typing import Any
 
 from meshcore.config import ConfigError, ConfigReader, ControlPlane, load_yaml_file
 
+# ConfigError and ControlPlane are part of this module's surface (the shared reader defines them).
+__all__ = ["ConfigError", "ControlPlane", "LocalSource", "Ports", "ZtunnelConfig", "load_config", "parse_config"]
+
 DEFAULT_PORTS = {
     "outbound": 15001,
     "inboundPlaintext": 15006,
