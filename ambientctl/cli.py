@@ -65,6 +65,9 @@ from ambientctl.runtime.store import ObjectStore, StoreError
 from ambientctl.waypoints import DEFAULT_WAYPOINT_NAME, USE_WAYPOINT_LABEL, apply_waypoint, delete_waypoint, list_waypoints
 from meshcore.log import LEVEL_NAMES, configure_logging
 
+# Modules with a `register(commands, common)` that adds their own subcommands (see _parser).
+_COMMAND_MODULES: tuple[Any, ...] = ()
+
 DEMO_DIR = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "bookinfo"
 SYSTEM_RUN_DIR = Path("/var/run/ambient-mesh")
 # `down` gives a running `up` this long to stop its processes and remove its namespaces.
@@ -175,6 +178,11 @@ def _parser() -> argparse.ArgumentParser:
     delete_waypoint_cmd.add_argument("-n", "--namespace", default=DEFAULT_NAMESPACE)
     delete_waypoint_cmd.add_argument("--name", default=DEFAULT_WAYPOINT_NAME)
     delete_waypoint_cmd.set_defaults(command=_waypoint_delete)
+
+    # Commands that live in modules of their own: each `register(commands, common)` adds its
+    # subparsers with `set_defaults(command=handler)`, handler(args, run_dir) -> exit code.
+    for module in _COMMAND_MODULES:
+        module.register(commands, common)
     return parser
 
 

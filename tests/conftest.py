@@ -1,4 +1,6 @@
-"""A real kube-apiserver (v1.20.2) with etcd on loopback, shared by the whole test session.
+"""Fixtures shared by every test folder.
+
+A real kube-apiserver (v1.20.2) with etcd on loopback, shared by the whole test session.
 
 `kube_apiserver` builds the binary once per machine (scripts/kube-apiserver.sh build, about
 5 minutes the first time, cached under /var/cache/ambient-mesh), starts etcd and the API
@@ -29,7 +31,7 @@ from kubernetes.client.exceptions import ApiException
 
 from meshcore.testing.procs import ProcessError, free_port, start_process
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "kube-apiserver.sh"
 CACHED_BINARY = Path("/var/cache/ambient-mesh/kube-v1.20.2/bin/kube-apiserver")
 BUILD_TIMEOUT = 20 * 60
