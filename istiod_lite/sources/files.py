@@ -1,15 +1,19 @@
-"""The `files` source: a directory of Kubernetes YAML, watched by polling.
+"""The `files` source: a directory of Kubernetes YAML, watched with inotify and by polling.
 
 Every `*.yaml` / `*.yml` file under the directory (recursively; names starting with "." are
 skipped, as editors and atomic writers use them for temporary files) may hold several
 documents separated by `---`, each one Kubernetes object, as `kubectl apply -f DIR` reads
 them. Objects of kinds outside `KINDS` are ignored (logged at debug level).
 
-Change detection: every `poll_interval` seconds each file's (mtime, size, inode) is compared
-with the last scan; only changed files are re-read. The objects of all files are merged
-(the first definition of a kind/namespace/name in path order wins; a later one is reported)
-and diffed by (kind, namespace, name) and content against what was last emitted, so an
-edit produces exactly the upserts and deletes it implies.
+Change detection: a scan compares each file's (mtime, size, inode) with the last scan and
+re-reads only changed files. Scans run when inotify reports a write, rename or delete under
+the directory (within milliseconds), and every `poll_interval` seconds regardless (inotify may
+be unavailable or out of watches). Within a changed file only the documents whose text
+changed are parsed again. The objects of all files are merged (the first definition of a
+kind/namespace/name in path order wins; a later one is reported) and diffed by (kind,
+namespace, name) and content against what was last emitted, for the keys of changed files
+only, so an edit produces exactly the upserts and deletes it implies at a cost proportional
+to the files it touched.
 
 Bad input: a document that is not valid YAML or not an object with `kind`, `apiVersion` and
 `metadata.name` is logged with its file and document index, counted, and listed by
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,9 +41,10 @@ import trio
 import yaml
 
 from istiod_lite.sources.base import KINDS, ObjectEvent, SourceEvent, SyncComplete
+from istiod_lite.sources.inotify import DirectoryWatcher
 from meshcore.log import get_logger
 
-POLL_INTERVAL = 0.5  # seconds; the reaction time of `ambientctl apply`
+POLL_INTERVAL = 0.5  # seconds; the reaction time when inotify says nothing
 
 _SUFFIXES = (".yaml", ".yml")
 # Coarser than any filesystem's timestamp granularity we expect (ext4: ~4 ms; FAT: 2 s).
@@ -48,6 +54,12 @@ _log = get_logger("sources.files")
 
 _Key = tuple[str, str, str]  # kind, namespace, name
 _Signature = tuple[int, int, int]  # mtime_ns, size, inode
+
+# Where a new YAML document starts: "---" at the start of a line. libyaml treats such a line
+# as a document marker wherever it appears, so splitting there matches its own parse.
+_DOCUMENT_START = re.compile(r"^---(?=[ \t\r\n]|$)", re.MULTILINE)
+# Directives ("%YAML") and document ends ("...") tie documents together: parse whole files.
+_NOT_SPLITTABLE = re.compile(r"^(?:%|\.\.\.(?:[ \t\r\n]|$))", re.MULTILINE)
 
 
 class FilesSourceError(Exception):
@@ -92,6 +104,11 @@ class _Document:
     obj: Mapping[str, Any]
 
 
+# What one document's text turned into: (key, object), None (a kind we do not watch, or an
+# empty document) or the reason it is unusable.
+_Outcome = tuple[_Key, Mapping[str, Any]] | str | None
+
+
 @dataclass(slots=True)
 class _FileState:
     signature: _Signature
@@ -102,6 +119,8 @@ class _FileState:
     data: bytes
     objects: dict[_Key, _Document] = field(default_factory=dict)
     problems: list[FileProblem] = field(default_factory=list)
+    # Each document's text -> what it parsed to, so an edit re-parses only what it changed.
+    parsed: dict[str, list[_Outcome]] = field(default_factory=dict)
 
 
 class FilesSource:
@@ -125,7 +144,10 @@ class FilesSource:
         )
         self._files: dict[Path, _FileState] = {}
         self._emitted: dict[_Key, Mapping[str, Any]] = {}
-        self._merge_problems: list[FileProblem] = []
+        # key -> the files defining it, in path order: the first one's definition wins.
+        self._defined_in: dict[_Key, list[Path]] = {}
+        self._merge_problems: dict[_Key, list[FileProblem]] = {}
+        self._directories: list[Path] = []
         self._directory_problem: FileProblem | None = None
         # Published whole at the end of each scan: `problems()` runs on the event loop while
         # the scan mutates the state above in a worker thread.
@@ -146,22 +168,33 @@ class FilesSource:
         if not self._directory.is_dir():
             raise FilesSourceError(f"config directory {self._directory} does not exist")
         task_status.started()
-        first = True
-        while True:
-            # Reading and parsing in a worker thread keeps a large directory from stalling
-            # the controller's event loop; this task is the only one touching the state.
-            for event in await trio.to_thread.run_sync(self._poll):
-                await send_channel.send(event)
-            if first:
-                await send_channel.send(SyncComplete())
-                first = False
-            await trio.sleep(self._poll_interval)
+        watcher = DirectoryWatcher.open()
+        try:
+            first = True
+            while True:
+                # Reading and parsing in a worker thread keeps a large directory from stalling
+                # the controller's event loop; this task is the only one touching the state.
+                for event in await trio.to_thread.run_sync(self._poll):
+                    await send_channel.send(event)
+                if first:
+                    await send_channel.send(SyncComplete())
+                    first = False
+                if watcher is None:
+                    await trio.sleep(self._poll_interval)
+                # A folder watched only now may have been written to before: scan it at once.
+                elif not watcher.watch_tree(self._directories):
+                    with trio.move_on_after(self._poll_interval):
+                        await watcher.wait_changed()
+        finally:
+            if watcher is not None:
+                watcher.close()
 
     # --- scanning (worker thread) ---
 
     def _poll(self) -> list[ObjectEvent]:
         try:
-            found = dict(_scan(self._directory))
+            directories: list[Path] = []
+            found = dict(_scan(self._directory, directories))
         except OSError as exc:
             # A vanished or unreadable directory is far more likely a mistake than a wish to
             # delete the whole mesh configuration: keep serving what was loaded.
@@ -172,11 +205,12 @@ class FilesSource:
             self._problems = (problem,)
             return []
         self._directory_problem = None
+        self._directories = directories
 
-        changed = False
+        # path -> its objects before this scan, for every file added, changed or removed.
+        changed: dict[Path, dict[_Key, _Document]] = {}
         for path in [p for p in self._files if p not in found]:
-            del self._files[path]
-            changed = True
+            changed[path] = self._files.pop(path).objects
         for path, signature in found.items():
             previous = self._files.get(path)
             if previous is not None and previous.signature == signature and not previous.racy:
@@ -192,16 +226,8 @@ class FilesSource:
                 previous.signature, previous.racy = state.signature, state.racy
                 continue
             self._files[path] = self._load(path, state, previous)
-            changed = True
-        events: list[ObjectEvent] = []
-        if changed:
-            merged, merge_problems = self._merge()
-            for problem in merge_problems:
-                if problem not in self._merge_problems:
-                    self._reject(problem)
-            self._merge_problems = merge_problems
-            events = _diff(self._emitted, merged)
-            self._emitted = merged
+            changed[path] = previous.objects if previous is not None else {}
+        events = self._merge(changed) if changed else []
         if events:
             upserts = sum(1 for e in events if e.action == "upsert")
             _log.info(
@@ -211,7 +237,11 @@ class FilesSource:
                 deletes=len(events) - upserts,
             )
         file_problems = [p for path in sorted(self._files) for p in self._files[path].problems]
-        self._problems = (*file_problems, *self._merge_problems)
+        merge_problems = sorted(
+            (p for problems in self._merge_problems.values() for p in problems),
+            key=lambda p: (p.path, p.document_index or 0),
+        )
+        self._problems = (*file_problems, *merge_problems)
         return events
 
     def _load(self, path: Path, state: _FileState, previous: _FileState | None) -> _FileState:
@@ -221,7 +251,8 @@ class FilesSource:
             except UnicodeDecodeError as exc:
                 state.problems = [FileProblem(path, None, f"not UTF-8 text ({exc.reason})")]
             else:
-                state.objects, state.problems = _parse(path, text)
+                cache = previous.parsed if previous is not None else {}
+                state.objects, state.problems, state.parsed = _parse(path, text, cache)
         for problem in state.problems:
             self._reject(problem)
         if state.problems and previous is not None:
@@ -231,19 +262,56 @@ class FilesSource:
         state.data = b""  # parsed: only the digest is needed from now on
         return state
 
-    def _merge(self) -> tuple[dict[_Key, Mapping[str, Any]], list[FileProblem]]:
-        merged: dict[_Key, Mapping[str, Any]] = {}
-        defined_in: dict[_Key, Path] = {}
-        problems = []
-        for path in sorted(self._files):
-            for key, document in self._files[path].objects.items():
-                first = defined_in.setdefault(key, path)
-                if first != path:
-                    message = f"{_describe(key)} is also defined in {first}; ignored here"
-                    problems.append(FileProblem(path, document.index, message))
-                    continue
-                merged[key] = document.obj
-        return merged, problems
+    def _merge(self, changed: Mapping[Path, Mapping[_Key, _Document]]) -> list[ObjectEvent]:
+        """Events for the keys that the `changed` files (path -> objects before) define or
+        defined; updates what was emitted and the duplicate-definition problems."""
+        affected: set[_Key] = set()
+        for path, before in changed.items():
+            state = self._files.get(path)
+            after = state.objects if state is not None else {}
+            for key in before.keys() - after.keys():
+                paths = self._defined_in[key]
+                paths.remove(path)
+                if not paths:
+                    del self._defined_in[key]
+            for key in after.keys() - before.keys():
+                paths = self._defined_in.setdefault(key, [])
+                paths.append(path)
+                paths.sort()
+            affected.update(before.keys(), after.keys())
+        upserts: list[tuple[Path, int, ObjectEvent]] = []
+        deletes: list[ObjectEvent] = []
+        for key in affected:
+            paths = self._defined_in.get(key)
+            previous = self._emitted.get(key)
+            if not paths:
+                self._merge_problems.pop(key, None)
+                if previous is not None:
+                    del self._emitted[key]
+                    deletes.append(ObjectEvent(key[0], "delete", key[1], key[2], None))
+                continue
+            first = paths[0]
+            problems = [
+                FileProblem(path, self._files[path].objects[key].index, f"{_describe(key)} is also defined in {first}; ignored here")
+                for path in paths[1:]
+            ]
+            known = self._merge_problems.get(key, [])
+            for problem in problems:
+                if problem not in known:
+                    self._reject(problem)
+            if problems:
+                self._merge_problems[key] = problems
+            else:
+                self._merge_problems.pop(key, None)
+            document = self._files[first].objects[key]
+            # Unchanged documents keep their very dicts (see _parse): `is` skips comparing them.
+            if previous is not document.obj and previous != document.obj:
+                upserts.append((first, document.index, ObjectEvent(key[0], "upsert", key[1], key[2], document.obj)))
+            self._emitted[key] = document.obj
+        # Upserts in file and document order (a Namespace listed before its Pods stays so),
+        # then deletes: a renamed object is never briefly missing.
+        upserts.sort(key=lambda item: (item[0], item[1]))
+        return [event for _, _, event in upserts] + sorted(deletes, key=lambda event: event.key)
 
     def _reject(self, problem: FileProblem) -> None:
         self._rejected.inc()
@@ -255,8 +323,10 @@ class FilesSource:
         )
 
 
-def _scan(directory: Path) -> Iterator[tuple[Path, _Signature]]:
+def _scan(directory: Path, directories: list[Path]) -> Iterator[tuple[Path, _Signature]]:
+    """The YAML files under `directory`; appends every folder walked to `directories`."""
     for root, dirs, files in os.walk(directory, onerror=_raise):
+        directories.append(Path(root))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or not name.endswith(_SUFFIXES):
@@ -283,40 +353,71 @@ def _read(path: Path, signature: _Signature) -> _FileState:
 # --- parsing (pure) ---
 
 
-def _parse(path: Path, text: str) -> tuple[dict[_Key, _Document], list[FileProblem]]:
-    """The objects of known kinds in one file's text, and the documents that were unusable."""
+def _parse(
+    path: Path, text: str, cache: Mapping[str, list[_Outcome]]
+) -> tuple[dict[_Key, _Document], list[FileProblem], dict[str, list[_Outcome]]]:
+    """The objects of known kinds in one file's text, the documents that were unusable, and
+    the parse of each document's text for the next call (`cache` is the previous one's)."""
+    parsed: dict[str, list[_Outcome]] = {}
+    outcomes: list[_Outcome] = []
+    failure: FileProblem | None = None
+    if _NOT_SPLITTABLE.search(text):
+        outcomes, failure = _parse_text(path, text, 0)
+    else:
+        starts = [match.start() for match in _DOCUMENT_START.finditer(text)]
+        for begin, end in zip([0, *starts], [*starts, len(text)]):
+            chunk = text[begin:end]
+            if not chunk:
+                continue
+            known = cache.get(chunk)
+            if known is None:
+                known, failure = _parse_text(path, chunk, len(outcomes))
+                if failure is not None:
+                    outcomes += known
+                    break  # the parser cannot resynchronise after a syntax error
+            parsed[chunk] = known
+            outcomes += known
+
     objects: dict[_Key, _Document] = {}
     problems: list[FileProblem] = []
-    index = 0
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, str):
+            problems.append(FileProblem(path, index, outcome))
+        elif outcome is not None:
+            key, obj = outcome
+            if key in objects:
+                first = objects[key].index
+                message = f"{_describe(key)} is also document {first}; ignored here"
+                problems.append(FileProblem(path, index, message))
+            else:
+                objects[key] = _Document(index, obj)
+    if failure is not None:
+        problems.append(failure)
+    return objects, problems, parsed
+
+
+def _parse_text(path: Path, text: str, first_index: int) -> tuple[list[_Outcome], FileProblem | None]:
+    """Each document of `text` as an outcome, and the syntax error that ended it, if any
+    (`first_index`: the position of the first document in the file, for the message)."""
+    outcomes: list[_Outcome] = []
     documents = yaml.load_all(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
     while True:
+        index = first_index + len(outcomes)
         try:
             document = next(documents)
         except StopIteration:
-            break
+            return outcomes, None
         except yaml.YAMLError as exc:
-            # The parser cannot resynchronise after a syntax error: the rest is lost too.
-            problems.append(FileProblem(path, index, f"not valid YAML: {_one_line(exc)}"))
-            break
+            return outcomes, FileProblem(path, index, f"not valid YAML: {_one_line(exc)}")
         except RecursionError:
-            problems.append(FileProblem(path, index, "not valid YAML: nested too deeply"))
-            break
-        if document is not None:  # an empty document, e.g. a trailing "---"
-            try:
-                parsed = _object(document)
-            except _InvalidDocument as exc:
-                problems.append(FileProblem(path, index, str(exc)))
-            else:
-                if parsed is not None:
-                    key, obj = parsed
-                    if key in objects:
-                        first = objects[key].index
-                        message = f"{_describe(key)} is also document {first}; ignored here"
-                        problems.append(FileProblem(path, index, message))
-                    else:
-                        objects[key] = _Document(index, obj)
-        index += 1
-    return objects, problems
+            return outcomes, FileProblem(path, index, "not valid YAML: nested too deeply")
+        if document is None:  # an empty document, e.g. a trailing "---"
+            outcomes.append(None)
+            continue
+        try:
+            outcomes.append(_object(document))
+        except _InvalidDocument as exc:
+            outcomes.append(str(exc))
 
 
 def _object(document: Any) -> tuple[_Key, Mapping[str, Any]] | None:
@@ -353,21 +454,6 @@ def _object(document: Any) -> tuple[_Key, Mapping[str, Any]] | None:
         namespace = ""
         metadata.pop("namespace", None)
     return (kind, namespace, name), {**document, "metadata": metadata}
-
-
-def _diff(
-    before: Mapping[_Key, Mapping[str, Any]], after: Mapping[_Key, Mapping[str, Any]]
-) -> list[ObjectEvent]:
-    # Objects of unchanged files are the very same dicts: `is` skips comparing them.
-    events = [
-        ObjectEvent(key[0], "upsert", key[1], key[2], obj)
-        for key, obj in after.items()
-        if (previous := before.get(key)) is not obj and previous != obj
-    ]
-    events += [
-        ObjectEvent(key[0], "delete", key[1], key[2], None) for key in before if key not in after
-    ]
-    return events
 
 
 def _describe(key: _Key) -> str:

@@ -12,38 +12,43 @@ module carries messages across, for both ends of a bidirectional stream:
 
 Theory of operation
 -------------------
-Each direction of a stream is a trio memory channel of capacity 0 with one thread blocked on
-its grpc side:
+Each direction of a stream has one grpc thread on its far side and hands over one message at
+a time, with one-way signals only (no trio task per message, no thread waiting for trio to
+run a coroutine), because these hand-offs are the control plane's cost per proxy and push:
 
-- grpc -> trio: a pump thread (`trio.to_thread`, abandoned on cancel) iterates grpc's blocking
-  iterator and hands each message over with `trio.from_thread.run(channel.send, ...)`. It
-  blocks until trio takes the message, so an unread stream holds back the peer through HTTP/2
-  flow control instead of filling a queue here.
-- trio -> grpc: the grpc thread that consumes our iterator (grpc's request-consumer thread on
-  the client, the RPC's pool thread on the server) pulls each message with
-  `trio.from_thread.run(channel.receive, trio_token=...)`, so `send` returns once grpc took the
-  message. On the server a response also carries an event that the pool thread sets when it
-  comes back for the next one, which grpc does only after writing the previous one: server
-  `send` returns once the message is written, so a slow peer stalls its producer (and callers
+- grpc -> trio (`_FromThread`): a pump thread (`trio.to_thread`, abandoned on cancel)
+  iterates grpc's blocking iterator; each message is queued in trio with
+  `TrioToken.run_sync_soon` and the thread then waits on a semaphore that trio's `receive`
+  releases. So an unread stream holds back the peer through HTTP/2 flow control instead of
+  filling a queue here.
+- trio -> grpc (`_ToThread`): `send` puts the message on a thread-safe queue that the grpc
+  thread consuming our iterator (grpc's request-consumer thread on the client, the RPC's pool
+  thread on the server) blocks on, and waits for an event that the thread sets (through
+  `run_sync_soon`): on the client when it takes the message; on the server when it comes
+  back for the next one, which grpc does only after writing the previous one. So server
+  `send` returns once the message is written: a slow peer stalls its producer (and callers
   can bound how many large messages are in grpc's buffers) instead of growing a backlog.
 
 Cancellation crosses both ways:
 
 - trio gives up -> the client cancels its grpc call (the pump's iteration fails and the thread
-  exits); a server handler's task ends, which closes its channel, so the grpc thread's response
-  iterator ends and grpc finishes the RPC (with the status the handler raised, if any).
-- grpc ends (peer gone, server stopped) -> the client's pump closes both channels, so `receive`
+  exits); a server handler's task ends, which closes its outgoing queue, so the grpc thread's
+  response iterator ends and grpc finishes the RPC (with the status the handler raised, if any).
+- grpc ends (peer gone, server stopped) -> the pump ends the incoming side, so `receive`
   raises `trio.EndOfChannel` (clean end) or `RpcStatusError`, and `send` fails too; on the
   server a termination callback cancels the handler's cancel scope.
 
 A thread still blocked after trio stopped listening (an abandoned pump, a grpc thread when the
-trio run has finished) finds its channel closed or the run gone and returns quietly.
+trio run has finished) finds its queue closed or the run gone and returns quietly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import queue
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
@@ -61,15 +66,6 @@ ReceiveT = TypeVar("ReceiveT")
 SERVER_STOP_GRACE_SECONDS = 1.0
 
 _log = get_logger("grpc")
-
-# What a thread may see when trio is no longer there to take or give a message.
-_TRIO_GONE = (
-    trio.BrokenResourceError,
-    trio.ClosedResourceError,
-    trio.EndOfChannel,
-    trio.RunFinishedError,
-    trio.Cancelled,
-)
 
 
 class RpcStatusError(Exception):
@@ -90,28 +86,151 @@ class _Ending:
         self.error: RpcStatusError | None = None
 
 
+def _run_in_trio(token: trio.lowlevel.TrioToken, fn: Callable[..., object], *args: Any) -> bool:
+    """From a grpc thread: have trio run `fn(*args)` soon; False if that trio run is gone."""
+    try:
+        token.run_sync_soon(fn, *args)
+    except trio.RunFinishedError:
+        return False
+    return True
+
+
+class _FromThread(Generic[ReceiveT]):
+    """grpc thread -> trio: messages of one grpc iterator, one in flight at a time."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken, ending: _Ending) -> None:
+        self._token = token
+        self._ending = ending
+        self._send, self._receive = trio.open_memory_channel[ReceiveT](math.inf)
+        self._taken = threading.Semaphore(0)
+        self._closed = False  # trio stopped receiving: the thread must not wait for it
+
+    # grpc thread
+
+    def forward(self, messages: Iterable[ReceiveT]) -> None:
+        """Thread body: hand every message over; when the iterator ends, end this side with
+        how the call ended."""
+        error: RpcStatusError | None = None
+        try:
+            for message in messages:
+                if self._closed or not _run_in_trio(self._token, self._deliver, message):
+                    return
+                self._taken.acquire()
+        except grpc.RpcError as exc:
+            # A client call raises itself (a grpc.Call with code/details); a server request
+            # iterator raises a bare RpcError when the client cancelled.
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.CANCELLED
+            details = exc.details() if isinstance(exc, grpc.Call) else "cancelled by the peer"
+            error = RpcStatusError(code, details or code.name)
+        finally:
+            _run_in_trio(self._token, self._end, error)
+
+    # trio thread
+
+    def _deliver(self, message: ReceiveT) -> None:
+        if self._closed:
+            self._taken.release()
+        else:
+            self._send.send_nowait(message)
+
+    def _end(self, error: RpcStatusError | None) -> None:
+        # Set before the channel closes: a receiver seeing the end reads how it ended.
+        self._ending.error = error
+        self._send.close()
+
+    async def receive(self) -> ReceiveT:
+        message = await self._receive.receive()
+        self._taken.release()
+        return message
+
+    def close(self) -> None:
+        """Stop receiving; a thread waiting to hand over a message is let go."""
+        if not self._closed:
+            self._closed = True
+            self._receive.close()
+            self._taken.release()
+
+
+_CLOSED = object()
+
+
+class _ToThread(Generic[SendT]):
+    """trio -> the grpc thread that consumes `messages()`: one message in flight at a time."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken, *, until_written: bool) -> None:
+        """`until_written`: `send` returns once grpc wrote the message (it came back for the
+        next one) rather than once it took it."""
+        self._token = token
+        self._until_written = until_written
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._in_flight: trio.Event | None = None
+        self._broken = False  # the grpc thread stopped taking messages
+        self._closed = False
+
+    # trio thread
+
+    async def send(self, message: SendT) -> None:
+        """Returns once grpc took (or wrote) the message."""
+        if self._broken or self._closed:
+            raise trio.BrokenResourceError("the grpc side of this stream is gone")
+        written = self._in_flight = trio.Event()
+        self._queue.put((message, written))
+        try:
+            await written.wait()
+        finally:
+            self._in_flight = None
+        if self._broken:
+            raise trio.BrokenResourceError("the grpc side of this stream is gone")
+
+    def close(self) -> None:
+        """No more messages: the grpc thread's iterator ends after the queued ones."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_CLOSED)
+
+    def mark_gone(self) -> None:
+        """The grpc side stopped taking messages: a waiting `send` fails, as do later ones."""
+        self._broken = True
+        if self._in_flight is not None:
+            self._in_flight.set()
+
+    # grpc thread
+
+    def messages(self) -> Iterator[SendT]:
+        """The blocking iterator a grpc thread consumes."""
+        written: trio.Event | None = None
+        while True:
+            if written is not None and not _run_in_trio(self._token, written.set):
+                return
+            item = self._queue.get()
+            if item is _CLOSED:
+                return
+            message, written = item
+            if not self._until_written:
+                _run_in_trio(self._token, written.set)
+                written = None
+            yield message
+
+
 class BidiStream(Generic[SendT, ReceiveT]):
     """The trio side of one bidirectional gRPC stream.
 
-    `send` returns once grpc took the message (client) or wrote it to the transport (server).
-    `receive` (and `async for`) ends with `trio.EndOfChannel` when the peer closed cleanly and
-    raises `RpcStatusError` when the call failed; `send` on a finished stream raises the same
-    error, or `trio.BrokenResourceError` after a clean end.
+    `send` returns once grpc took the message (client) or wrote it (server). `receive` (and
+    `async for`) ends with `trio.EndOfChannel` when the peer closed cleanly and raises
+    `RpcStatusError` when the call failed; `send` on a finished stream raises the same error, or
+    `trio.BrokenResourceError` after a clean end.
     """
 
     def __init__(
-        self,
-        send: Callable[[SendT], Awaitable[None]],
-        incoming: trio.MemoryReceiveChannel[ReceiveT],
-        ending: _Ending,
+        self, outgoing: _ToThread[SendT], incoming: _FromThread[ReceiveT], ending: _Ending
     ) -> None:
-        self._send = send
+        self._outgoing = outgoing
         self._incoming = incoming
         self._ending = ending
 
     async def send(self, message: SendT) -> None:
         try:
-            await self._send(message)
+            await self._outgoing.send(message)
         except trio.BrokenResourceError:
             self._raise_failure()
             raise
@@ -138,6 +257,22 @@ class BidiStream(Generic[SendT, ReceiveT]):
             raise RpcStatusError(error.code, error.details) from None
 
 
+async def _pump(incoming: _FromThread[Any], messages: Iterable[Any]) -> None:
+    """Run `incoming.forward(messages)` on a thread of its own until the iterator ends."""
+    finished = False
+    try:
+        await trio.to_thread.run_sync(
+            incoming.forward,
+            messages,
+            abandon_on_cancel=True,
+            limiter=trio.CapacityLimiter(1),  # this pump's own thread, outside trio's default cap
+        )
+        finished = True
+    finally:
+        if not finished:  # abandoned: let its thread go; nobody receives any more
+            incoming.close()
+
+
 # --- Client ---
 
 
@@ -151,14 +286,14 @@ async def open_bidi_stream(
     response iterator, e.g. `functools.partial(stub.Method, metadata=...)`.
     """
     token = trio.lowlevel.current_trio_token()
-    requests_send, requests_receive = trio.open_memory_channel[SendT](0)
-    responses_send, responses_receive = trio.open_memory_channel[ReceiveT](0)
     ending = _Ending()
-    call = start_call(_pull_from_trio(requests_receive, token))
+    requests: _ToThread[SendT] = _ToThread(token, until_written=False)
+    responses: _FromThread[ReceiveT] = _FromThread(token, ending)
+    call = start_call(requests.messages())
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pump_call, call, responses_send, requests_receive, ending)
-            yield BidiStream(requests_send.send, responses_receive, ending)
+            nursery.start_soon(_pump_call, call, responses, requests)
+            yield BidiStream(requests, responses, ending)
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The pump never fails, so a group holds just what the caller's block raised: give
@@ -168,55 +303,16 @@ async def open_bidi_stream(
         raise
     finally:
         call.cancel()  # type: ignore[attr-defined]  # grpc's response iterator is also its Call
-        requests_send.close()
+        requests.close()
 
 
-async def _pump_call(
-    call: Iterable[ReceiveT],
-    responses: trio.MemorySendChannel[ReceiveT],
-    requests: trio.MemoryReceiveChannel[Any],
-    ending: _Ending,
-) -> None:
-    # Closing `requests` when the call is over makes a pending `send` fail instead of waiting
-    # for a grpc consumer thread that already stopped pulling.
-    with responses, requests:
-        ending.error = await trio.to_thread.run_sync(
-            _forward_to_trio,
-            call,
-            responses,
-            abandon_on_cancel=True,
-            limiter=trio.CapacityLimiter(1),  # this pump's own thread, outside trio's default cap
-        )
-
-
-def _forward_to_trio(
-    messages: Iterable[Any], channel: trio.MemorySendChannel[Any]
-) -> RpcStatusError | None:
-    """Thread body: hand every message of a grpc iterator to trio; returns how the call ended."""
+async def _pump_call(call: Iterable[Any], responses: _FromThread[Any], requests: _ToThread[Any]) -> None:
     try:
-        for message in messages:
-            trio.from_thread.run(channel.send, message)
-    except grpc.RpcError as exc:
-        # A client call raises itself (a grpc.Call with code/details); a server request
-        # iterator raises a bare RpcError when the client cancelled.
-        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.CANCELLED
-        details = exc.details() if isinstance(exc, grpc.Call) else "cancelled by the peer"
-        return RpcStatusError(code, details or code.name)
-    except _TRIO_GONE:
-        pass
-    return None
-
-
-def _pull_from_trio(
-    channel: trio.MemoryReceiveChannel[Any], token: trio.lowlevel.TrioToken
-) -> Iterator[Any]:
-    """The blocking iterator a grpc thread consumes: each item is one message sent from trio."""
-    while True:
-        try:
-            message = trio.from_thread.run(channel.receive, trio_token=token)
-        except _TRIO_GONE:
-            return
-        yield message
+        await _pump(responses, call)
+    finally:
+        # The call is over: a pending `send` fails instead of waiting for a grpc consumer
+        # thread that already stopped pulling.
+        requests.mark_gone()
 
 
 def _call_in_trio(token: trio.lowlevel.TrioToken, fn: Callable[[], object]) -> None:
@@ -281,14 +377,14 @@ class StreamServicerBridge:
         if running is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "server is starting or shutting down")
         token, nursery = running
-        responses_send, responses_receive = trio.open_memory_channel[tuple[Any, trio.Event]](0)
+        responses: _ToThread[Any] = _ToThread(token, until_written=True)
         call = _ServerCall()
         try:
             trio.from_thread.run_sync(
                 nursery.start_soon,
                 self._serve,
                 request_iterator,
-                responses_send,
+                responses,
                 call,
                 context.peer(),
                 trio_token=token,
@@ -297,43 +393,35 @@ class StreamServicerBridge:
             context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         if not context.add_callback(functools.partial(_call_in_trio, token, call.cancel)):
             _call_in_trio(token, call.cancel)  # the call had already terminated
-        written: trio.Event | None = None
         try:
-            while True:
-                try:
-                    message, written = trio.from_thread.run(
-                        _next_response, responses_receive, written, trio_token=token
-                    )
-                except _TRIO_GONE:
-                    break
-                # grpc returns here for the next response only once this one is written.
-                yield message
+            # grpc comes back here for the next response only once the previous one is written.
+            yield from responses.messages()
         finally:
-            # If grpc stopped taking responses, a handler blocked in send must not wait forever.
-            _call_in_trio(token, functools.partial(_stop_responses, responses_receive, written))
+            # grpc stopped taking responses: a handler blocked in send must not wait forever.
+            _run_in_trio(token, responses.mark_gone)
         if call.error is not None:
             context.abort(call.error.code, call.error.details)
 
     async def _serve(
         self,
         request_iterator: Iterator[Any],
-        responses: trio.MemorySendChannel[tuple[Any, trio.Event]],
+        responses: _ToThread[Any],
         call: _ServerCall,
         peer: str,
     ) -> None:
-        requests_send, requests_receive = trio.open_memory_channel[Any](0)
-        send = functools.partial(_send_until_written, responses)
-        stream: BidiStream[Any, Any] = BidiStream(send, requests_receive, _Ending())
+        token = trio.lowlevel.current_trio_token()
+        requests: _FromThread[Any] = _FromThread(token, _Ending())
+        stream: BidiStream[Any, Any] = BidiStream(responses, requests, _Ending())
         # Stays the status if this task is cancelled by the server shutting down; when the call
         # itself terminated first, grpc ignores it.
         call.error = RpcStatusError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        with responses, trio.CancelScope() as scope:
+        with trio.CancelScope() as scope:
             call.scope = scope
             if call.terminated:
                 scope.cancel()
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_pump_requests, request_iterator, requests_send)
+                    nursery.start_soon(_pump, requests, request_iterator)
                     await self._handler(stream, peer)
                     nursery.cancel_scope.cancel()
                 call.error = None
@@ -346,47 +434,14 @@ class StreamServicerBridge:
                 call.error = RpcStatusError(
                     grpc.StatusCode.INTERNAL, "internal error serving this stream (see server log)"
                 )
-
-
-async def _send_until_written(
-    channel: trio.MemorySendChannel[tuple[Any, trio.Event]], message: Any
-) -> None:
-    written = trio.Event()
-    await channel.send((message, written))
-    await written.wait()
-
-
-async def _next_response(
-    channel: trio.MemoryReceiveChannel[tuple[Any, trio.Event]], written: trio.Event | None
-) -> tuple[Any, trio.Event]:
-    """In trio, for the grpc thread: mark the previous response written, take the next."""
-    if written is not None:
-        written.set()
-    return await channel.receive()
-
-
-def _stop_responses(channel: trio.MemoryReceiveChannel[Any], written: trio.Event | None) -> None:
-    channel.close()
-    if written is not None:
-        written.set()
+            finally:
+                # Written before the response iterator ends, so grpc's thread reads it after.
+                responses.close()
 
 
 def _first_leaf(group: BaseExceptionGroup[RpcStatusError]) -> RpcStatusError:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-async def _pump_requests(
-    request_iterator: Iterator[Any], requests: trio.MemorySendChannel[Any]
-) -> None:
-    with requests:
-        await trio.to_thread.run_sync(
-            _forward_to_trio,
-            request_iterator,
-            requests,
-            abandon_on_cancel=True,
-            limiter=trio.CapacityLimiter(1),
-        )
 
 
 async def serve_grpc_server(

@@ -244,3 +244,68 @@ async def test_the_same_object_in_two_files_keeps_the_first_and_reports_the_seco
         assert event.action == "upsert"
         assert event.obj["spec"]["ports"] == [{"port": 9999, "targetPort": 8080}]
         assert directory.source.problems() == []
+
+
+@asynccontextmanager
+async def running_slow_poll(path: Path) -> AsyncIterator[Directory]:
+    """A source that polls only every 60 s: anything seen sooner came from inotify."""
+    registry = prometheus_client.CollectorRegistry()
+    source = FilesSource(path, registry=registry, poll_interval=60)
+    send, receive = trio.open_memory_channel[SourceEvent](math.inf)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(source.run, send)
+        yield Directory(path, source, registry, receive)
+        nursery.cancel_scope.cancel()
+
+
+async def test_writes_renames_deletes_and_new_folders_are_seen_without_waiting_for_a_poll(tmp_path):
+    async with running_slow_poll(tmp_path) as directory:
+        assert await directory.initial() == []
+        directory.write("ns.yaml", NAMESPACE)
+        assert summary(await directory.events(1)) == {("upsert", "Namespace", "", "shop")}
+
+        # An atomic replace, as editors and `kubectl`-style tools write.
+        (tmp_path / ".svc.tmp").write_text(SERVICE)
+        (tmp_path / ".svc.tmp").rename(tmp_path / "svc.yaml")
+        assert summary(await directory.events(1)) == {("upsert", "Service", "shop", "web")}
+
+        # A file in a folder that did not exist when the source started.
+        directory.write("apps/pod.yaml", POD)
+        assert summary(await directory.events(1)) == {("upsert", "Pod", "shop", "web-1")}
+
+        (tmp_path / "ns.yaml").unlink()
+        assert summary(await directory.events(1)) == {("delete", "Namespace", "", "shop")}
+
+
+def pod(name: str, version: str = "v1") -> str:
+    return POD.replace("web-1", name).replace("app: web}", f"app: web, version: {version}}}")
+
+
+async def test_editing_one_document_of_a_large_file_emits_just_that_object(tmp_path):
+    names = [f"web-{i}" for i in range(50)]
+    (tmp_path / "pods.yaml").write_text("---\n".join(pod(name) for name in names))
+    async with running(tmp_path) as directory:
+        initial = await directory.initial()
+        assert [e.name for e in initial] == names  # in document order
+        (tmp_path / "pods.yaml").write_text("---\n".join(pod(name, "v2" if name == "web-7" else "v1") for name in names))
+        [event] = await directory.events(1)
+        assert (event.action, event.name, event.obj["metadata"]["labels"]["version"]) == ("upsert", "web-7", "v2")
+        await directory.assert_quiet()
+
+
+async def test_document_markers_inside_block_scalars_and_explicit_document_ends_parse_as_yaml_says(tmp_path):
+    config_map_like_pod = POD.replace(
+        "spec: {", "spec:\n  note: |\n    ---\n    not a new document\n  extra: {"
+    ).replace("containers: [{name: web, image: web}]}", "a: b}\n  containers: [{name: web, image: web}]")
+    (tmp_path / "block.yaml").write_text(config_map_like_pod)
+    (tmp_path / "ends.yaml").write_text(NAMESPACE + "...\n---\n" + SERVICE + "...\n")
+    async with running(tmp_path) as directory:
+        events = await directory.initial()
+        assert summary(events) == {
+            ("upsert", "Pod", "shop", "web-1"),
+            ("upsert", "Namespace", "", "shop"),
+            ("upsert", "Service", "shop", "web"),
+        }
+        by_kind = {e.kind: e.obj for e in events}
+        assert by_kind["Pod"]["spec"]["note"] == "---\nnot a new document\n"
+        assert directory.source.problems() == []

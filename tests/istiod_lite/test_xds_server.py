@@ -149,7 +149,7 @@ async def connect(
 
 
 async def settle() -> None:
-    """Wait until what was applied has been committed (the debounce is 10 ms)."""
+    """Wait until what was applied has been committed (the debounce is 3 ms)."""
     await trio.sleep(0.05)
 
 
