@@ -8,6 +8,10 @@
     ambientctl get pods|services|namespaces [NAME...] [-n NS | -A] [-o wide|yaml]
     ambientctl label namespace NS k=v [k2-] [--overwrite]
     ambientctl waypoint apply -n NS [--name N] [--enroll-namespace] | list [-n NS | -A] | delete -n NS [--name N]
+    ambientctl check [--pre] [--kubeconfig FILE] [-i NS]   verify this machine's mesh, or a cluster, like `linkerd check`
+    ambientctl dashboard [--port 20001] [--prometheus URL]   the mesh's web page (service graph, golden signals)
+    ambientctl observe [-f] [-n NS] [--pod [NS/]P] [--verdict allowed|denied] [--last K] [-o json]
+                                        live connection and request events, like `hubble observe`
 
 Every command takes `--run-dir` (default: $AMBIENT_RUN_DIR, else /var/run/ambient-mesh as root
 or when it exists, else ./run). Exit status: 0 success, 1 refused or failed, 2 usage errors.
@@ -28,6 +32,7 @@ from typing import Any
 import trio
 import yaml
 
+from ambientctl import check, dashboard, install, observe, stat
 from ambientctl.runtime import (
     AlreadyRunning,
     ClusterService,
@@ -66,7 +71,7 @@ from ambientctl.waypoints import DEFAULT_WAYPOINT_NAME, USE_WAYPOINT_LABEL, appl
 from meshcore.log import LEVEL_NAMES, configure_logging
 
 # Modules with a `register(commands, common)` that adds their own subcommands (see _parser).
-_COMMAND_MODULES: tuple[Any, ...] = ()
+_COMMAND_MODULES: tuple[Any, ...] = (dashboard, stat, install, check, observe)
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "deploy" / "examples" / "bookinfo"
 SYSTEM_RUN_DIR = Path("/var/run/ambient-mesh")

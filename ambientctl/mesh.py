@@ -26,27 +26,18 @@ from ambientctl.runtime.netns import ROUTER_NETNS
 from ambientctl.runtime.store import ObjectStore
 from istiod_lite.ca.root import load_or_create_root
 from istiod_lite.ca.tokens import NodeTokens
+from meshcore.enrolment import REDIRECTION_ANNOTATION, is_captured
 from meshcore.log import get_logger
 from ztunnel.inpod.agent import EnrolledPod, NodeAgent
 
 _log = get_logger("ambientctl")
 
-DATAPLANE_MODE = "istio.io/dataplane-mode"
 ISTIOD_ADDRESS = str(ROUTER_LINK_ADDRESS)
 READY_TIMEOUT = 30.0
 RESTART_DELAY = 1.0
-REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 # Time for "not HBONE any more" to reach every ztunnel before the pod's listeners close.
 REDIRECTION_SETTLE = 0.5
 REPO = Path(__file__).resolve().parents[1]
-
-
-def captured(pod: RunningPod) -> bool:
-    """Istio's rule (facts §6): pod label beats namespace label; `none` opts out."""
-    mode = pod.labels.get(DATAPLANE_MODE)
-    if mode is not None:
-        return mode == "ambient"
-    return pod.namespace_labels.get(DATAPLANE_MODE) == "ambient"
 
 
 def istiod_dir(run_root: Path) -> Path:
@@ -146,7 +137,7 @@ class ZtunnelService:
         store = ObjectStore(node.run_dir.store)
         pods = node.pods()
         while True:
-            wanted = {pod.uid: pod for pod in pods if captured(pod)}
+            wanted = {pod.uid: pod for pod in pods if is_captured(pod.labels, pod.namespace_labels)}
             for uid in enrolled.keys() - wanted.keys():
                 pod = enrolled.pop(uid)
                 # Peers stop using HBONE first, then the capture goes (Istio's CNI order).

@@ -6,6 +6,9 @@ Task tree:
     ├── controller: source events -> Translator (pure, incremental) -> XdsServer.apply,
     │   and the per-node identity snapshot the CA checks impersonation against
     ├── XdsServer (debounced pushes to every delta ADS stream)
+    ├── kube source only: WaypointController (Deployment/Service/ServiceAccount per Waypoint
+    │   or istio-waypoint Gateway, and their status) and StatusWriter (why translation
+    │   rejected an object, on its status), both fed by the controller
     ├── gRPC on 15012 (TLS, serving cert from the mesh CA) and 15010 (plaintext, dev):
     │   AggregatedDiscoveryService + IstioCertificateService
     └── monitoring on 15014: /metrics, /ready (after the source's initial sync)
@@ -30,24 +33,43 @@ from meshcore.identity.spiffe import Identity
 from meshcore.log import get_logger
 from meshcore.metrics import new_registry
 from istiod_lite.ca.authn import Authenticator, NodeTokenAuthenticator, TokenReviewAuthenticator
-from istiod_lite.ca.root import issue_serving_certificate, load_or_create_root, load_plugin_ca
+from istiod_lite.ca.root import (
+    issue_serving_certificate,
+    load_or_create_root,
+    load_or_create_root_secret,
+    load_plugin_ca,
+    publish_root_cert,
+)
 from istiod_lite.ca.server import CaService
 from istiod_lite.ca.tokens import NodeTokens
 from istiod_lite.config import IstiodConfig
 from istiod_lite.grpcserver import GrpcServer
+from istiod_lite.kube.status import StatusWriter
+from istiod_lite.kube.waypoint_controller import WaypointController
+from istiod_lite.kube.waypoints import DeploymentSettings
 from istiod_lite.model import Translator
-from istiod_lite.sources.base import ObjectEvent, SourceEvent, SyncComplete
+from istiod_lite.sources.base import KINDS, ObjectEvent, SourceEvent, SyncComplete
 from istiod_lite.sources.files import FilesSource
 from istiod_lite.xds.server import XdsServer
 
 _log = get_logger("istiod")
 
-SERVING_DNS_NAMES = ("istiod.istio-system.svc", "istiod.istio-system.svc.cluster.local", "localhost")
+ISTIOD_TLS_SERVICE_PORT = 15012  # the port of Service istiod that proxies dial
+KUBE_WRITE_CONNECTIONS = 8  # waypoint and status writes, TokenReviews on grpc threads
 
 
-def load_ca(config: IstiodConfig) -> CertificateAuthority:
+def serving_dns_names(config: IstiodConfig) -> tuple[str, ...]:
+    """The names proxies dial istiod by: its Service in its namespace (see `root_namespace`)."""
+    service = f"istiod.{config.root_namespace}.svc"
+    return (service, f"{service}.cluster.local", "localhost")
+
+
+def load_ca(config: IstiodConfig, api_client=None) -> CertificateAuthority:
+    """Plug-in CA if given; else the persisted self-signed root (a Secret with `api_client`)."""
     if config.ca_cert is not None and config.ca_key is not None:
         return load_plugin_ca(config.ca_cert, config.ca_key, config.ca_chain, trust_domain=config.trust_domain)
+    if api_client is not None:
+        return load_or_create_root_secret(api_client, config.root_namespace, config.trust_domain)
     return load_or_create_root(config.root_dir / "ca", config.trust_domain)
 
 
@@ -55,8 +77,11 @@ class IstiodLite:
     def __init__(self, config: IstiodConfig) -> None:
         self.config = config
         self.registry = new_registry()
-        self.ca = load_ca(config)
+        self._api_client = _kube_client(config) if config.source == "kube" else None
+        self.ca = load_ca(config, self._api_client)
         self.root_pem = self.ca.roots_pem[0]
+        if self._api_client is not None:
+            publish_root_cert(self._api_client, config.root_namespace, self.root_pem)
         self.tokens = NodeTokens(config.root_dir / "node-tokens")
         self.translator = Translator(
             trust_domain=config.trust_domain, root_namespace=config.root_namespace, registry=self.registry
@@ -66,10 +91,27 @@ class IstiodLite:
         # node -> {(namespace, pod): identity}; read by the CA on grpc threads (see below).
         self._node_pods: dict[str, Mapping[tuple[str, str], Identity]] = {}
         self._pod_nodes: dict[tuple[str, str], str] = {}
-        self._api_client = None
-        if config.source == "kube":
-            self._api_client = _kube_client(config)
-            authenticator: Authenticator = TokenReviewAuthenticator(self._api_client)
+        # (kind, namespace, name) of a custom object -> (generation, labels, annotations) last translated
+        self._custom_configs: dict[tuple[str, str, str], tuple[object, ...]] = {}
+        # Kube source only: they write what istiod_lite decides back to the API server.
+        self._kube_writers: tuple[WaypointController | StatusWriter, ...] = ()
+        if self._api_client is not None:
+            # ztunnel runs in istiod's namespace (istio-system), as Istio installs it.
+            authenticator: Authenticator = TokenReviewAuthenticator(
+                self._api_client, trusted_accounts={f"{config.root_namespace}/ztunnel"}
+            )
+            waypoints = WaypointController(
+                self._api_client,
+                DeploymentSettings(
+                    image=config.waypoint_image,
+                    istiod_address=f"istiod.{config.root_namespace}.svc:{ISTIOD_TLS_SERVICE_PORT}",
+                    trust_domain=config.trust_domain,
+                    root_cert_pem=self.root_pem.decode(),
+                ),
+                registry=self.registry,
+            )
+            status = StatusWriter(self._api_client, self.translator, registry=self.registry)
+            self._kube_writers = (waypoints, status)
         else:
             authenticator = NodeTokenAuthenticator(self.tokens)
         self.ca_service = CaService(self.ca, authenticator, self._identities_on_node, registry=self.registry)
@@ -94,9 +136,11 @@ class IstiodLite:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.xds.run)
                     nursery.start_soon(self._controller, receive)
+                    for writer in self._kube_writers:
+                        await nursery.start(writer.run)
                     await nursery.start(self._source().run, send)
                     serving = issue_serving_certificate(
-                        self.ca, dns_names=SERVING_DNS_NAMES, ip_addresses=(config.listen_address,)
+                        self.ca, dns_names=serving_dns_names(config), ip_addresses=(config.listen_address,)
                     )
                     servicers = [self.xds.add_to_server, self._add_ca]
                     tls = grpc.ssl_server_credentials([(serving.key_pem, serving.chain_pem)])
@@ -133,6 +177,8 @@ class IstiodLite:
     async def _controller(self, receive: trio.MemoryReceiveChannel[SourceEvent]) -> None:
         async for event in receive:
             if isinstance(event, SyncComplete):
+                for writer in self._kube_writers:
+                    writer.source_synced()
                 if not self.readiness.ready:
                     self.xds.mark_ready()
                     self.readiness.mark_ready("config")
@@ -142,9 +188,29 @@ class IstiodLite:
                     gc.collect()
                     gc.freeze()
                 continue
-            self.xds.apply(self.translator.apply(event))
+            if self._changes_config(event):
+                self.xds.apply(self.translator.apply(event))
+            for writer in self._kube_writers:
+                writer.observe(event)
             if event.kind == "Pod":
                 self._refresh_node_identities(event)
+
+    def _changes_config(self, event: ObjectEvent) -> bool:
+        """False for an update of a custom kind that left its generation (bumped by every spec
+        change), labels and annotations alone: our own status write coming back, which the
+        translator would only reject (and log) a second time."""
+        if not KINDS[event.kind].group:
+            return True
+        if event.action == "delete" or event.obj is None:
+            self._custom_configs.pop(event.key, None)
+            return True
+        metadata = event.obj.get("metadata") or {}
+        config = (metadata.get("generation"), metadata.get("labels"), metadata.get("annotations"))
+        if config[0] is None:  # nothing to go by (files source): always translate
+            return True
+        previous = self._custom_configs.get(event.key)
+        self._custom_configs[event.key] = config
+        return previous != config
 
     def _refresh_node_identities(self, event: ObjectEvent) -> None:
         """Keep, per node, the identities of its pods for the CA's impersonation check.
@@ -175,12 +241,17 @@ class IstiodLite:
 
 
 def _kube_client(config: IstiodConfig):
+    """A client for --kubeconfig, else in-cluster, else ~/.kube/config; its pool holds a
+    connection per long watch (every source kind, waypoint Deployments) plus the writes."""
     import kubernetes
 
+    configuration = kubernetes.client.Configuration()
+    configuration.connection_pool_maxsize = len(KINDS) + 1 + KUBE_WRITE_CONNECTIONS
     if config.kubeconfig is not None:
-        return kubernetes.config.new_client_from_config(str(config.kubeconfig))
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        return kubernetes.config.new_client_from_config()
-    return kubernetes.client.ApiClient()
+        kubernetes.config.load_kube_config(str(config.kubeconfig), client_configuration=configuration)
+    else:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration)

@@ -28,11 +28,14 @@ class IstiodConfig:
     listen_address: str = "127.0.0.1"
     ports: Ports = field(default_factory=Ports)
     trust_domain: str = "cluster.local"
+    # Mesh-wide policies' namespace; with the kube source also istiod's own: its CA Secret,
+    # and the Service `istiod` waypoints dial (Istio's root namespace is istiod's by default).
     root_namespace: str = "istio-system"
     ca_cert: Path | None = None  # plug-in CA: operator's signing cert/key (+ chain)
     ca_key: Path | None = None
     ca_chain: Path | None = None
     poll_interval: float = 0.5  # files source
+    waypoint_image: str = "ambient-mesh:latest"  # kube source: the image waypoint Deployments run
 
     @classmethod
     def for_files(cls, directory: Path, *, root_dir: Path, **overrides) -> IstiodConfig:
@@ -51,11 +54,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[IstiodConfig, str]:
     parser.add_argument("--xds-tls-port", type=int, default=15012)
     parser.add_argument("--monitoring-port", type=int, default=15014)
     parser.add_argument("--trust-domain", default="cluster.local")
-    parser.add_argument("--root-namespace", default="istio-system")
+    parser.add_argument(
+        "--root-namespace",
+        default="istio-system",
+        help="namespace of mesh-wide policies; kube source: istiod's own (CA Secret, Service istiod)",
+    )
     parser.add_argument("--ca-cert", type=Path, help="plug-in CA certificate (with --ca-key)")
     parser.add_argument("--ca-key", type=Path)
     parser.add_argument("--ca-chain", type=Path, help="plug-in CA: intermediates and root")
     parser.add_argument("--poll-interval", type=float, default=0.5, help="files source: seconds between directory scans")
+    parser.add_argument(
+        "--waypoint-image", default="ambient-mesh:latest", help="kube source: the image waypoint Deployments run"
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     if args.source == "files" and args.dir is None:
@@ -71,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[IstiodConfig, str]:
             parser.error(f"--{flag.replace('_', '-')}: {getattr(args, flag)} is not a port number")
     if args.poll_interval <= 0:
         parser.error("--poll-interval must be positive")
+    if not args.waypoint_image.strip() or any(c.isspace() for c in args.waypoint_image):
+        parser.error(f"--waypoint-image: {args.waypoint_image!r} is not an image reference")
     config = IstiodConfig(
         source=args.source,
         directory=args.dir,
@@ -84,5 +96,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[IstiodConfig, str]:
         ca_key=args.ca_key,
         ca_chain=args.ca_chain,
         poll_interval=args.poll_interval,
+        waypoint_image=args.waypoint_image,
     )
     return config, args.log_level

@@ -6,6 +6,10 @@ body size and the time a client may take to send a request or a handler to answe
 malformed requests with h11's suggested status (400, 431, ...), unknown paths with 404 and
 failing handlers with 500. None of that stops it serving the next request.
 
+A handler may instead return a `StreamingResponse` (live feeds such as `/debug/flows?follow=1`):
+its body is sent chunk by chunk, with no time limit, until it ends or the client leaves; then
+the connection closes.
+
     readiness = Readiness(pending=("state", "certificates", "proxy"))
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_http, ("0.0.0.0", 15021), readiness_routes(readiness))
@@ -18,7 +22,8 @@ failing handlers with 500. None of that stops it serving the next request.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlsplit
@@ -72,7 +77,24 @@ class Response:
             raise TypeError(f"response body must be bytes, got {type(self.body).__name__}")
 
 
-HttpHandler = Callable[[Request], Awaitable[Response]]
+class StreamingBody(AsyncIterator[bytes]):
+    """A body produced as it goes; the server always ends it with `aclose()`."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release what the body holds (called once, also when it was never read)."""
+
+
+@dataclass(frozen=True)
+class StreamingResponse:
+    """A response sent chunked as `body` yields; the connection closes after it."""
+
+    status: int
+    body: StreamingBody
+    content_type: str = "text/plain"
+
+
+HttpHandler = Callable[[Request], Awaitable[Response | StreamingResponse]]
 
 
 class Readiness:
@@ -145,6 +167,9 @@ async def _serve_connection(stream: trio.SocketStream, routes: Mapping[str, Http
                 if request is None:
                     return  # the client closed the connection
                 response = await _dispatch(routes, request)
+                if isinstance(response, StreamingResponse):
+                    await _stream_response(stream, conn, response, head_only=request.method == "HEAD")
+                    return
                 await _send_response(stream, conn, response, head_only=request.method == "HEAD")
                 if conn.our_state is h11.MUST_CLOSE:
                     await _close_gracefully(stream)
@@ -188,7 +213,7 @@ def _to_request(head: h11.Request) -> Request:
     )
 
 
-async def _dispatch(routes: Mapping[str, HttpHandler], request: Request) -> Response:
+async def _dispatch(routes: Mapping[str, HttpHandler], request: Request) -> Response | StreamingResponse:
     handler = routes.get(request.path)
     if handler is None:
         return Response(404, f"no such endpoint: {request.path}\n".encode())
@@ -220,6 +245,54 @@ async def _send_response(
         data += conn.send(h11.Data(data=resp.body))
     data += conn.send(h11.EndOfMessage())
     await stream.send_all(data)
+
+
+async def _stream_response(
+    stream: trio.SocketStream, conn: h11.Connection, resp: StreamingResponse, *, head_only: bool
+) -> None:
+    """Send `resp` as its body yields (h11 chunks it for HTTP/1.1 clients), until the body
+    ends or the client closes its side; the body is closed either way."""
+    try:
+        head = h11.Response(
+            status_code=resp.status,
+            reason=HTTPStatus(resp.status).phrase.encode(),
+            headers=[("content-type", resp.content_type), ("connection", "close")],
+        )
+        await stream.send_all(conn.send(head))
+        if head_only:
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_when_client_leaves, stream, nursery.cancel_scope)
+            await _send_body(stream, conn, resp.body)
+            nursery.cancel_scope.cancel()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away before the head was sent
+    finally:
+        with trio.CancelScope(shield=True):
+            await resp.body.aclose()
+
+
+async def _send_body(stream: trio.SocketStream, conn: h11.Connection, body: StreamingBody) -> None:
+    # Errors end here, not in the nursery above: an exception group would escape the
+    # connection handler and stop the whole server.
+    try:
+        async for chunk in body:
+            await stream.send_all(conn.send(h11.Data(data=chunk)))
+        await stream.send_all(conn.send(h11.EndOfMessage()))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away while we were sending
+    except Exception:
+        _log.exception("streaming response failed", peer=_peer(stream))
+
+
+async def _cancel_when_client_leaves(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    # A follower that is idle on our side is only noticed gone by reading: EOF or reset.
+    try:
+        while await stream.receive_some(_RECEIVE_CHUNK):
+            pass  # nothing may follow a request whose response never ends; ignore it
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
 
 
 async def _close_gracefully(stream: trio.SocketStream) -> None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Awaitable
-
+from collections.abc import Awaitable, Callable
 
 import trio
 
+from meshcore.log import get_logger
+
 Buffer = bytes | bytearray | memoryview
+
+_log = get_logger("netio")
 
 # SO_MARK value ztunnel puts on every socket it creates, so capture rules skip its traffic.
 MESH_MARK = 0x539
@@ -119,6 +122,39 @@ async def accept(listener: socket.socket) -> tuple[socket.socket, tuple]:
         sock.setblocking(False)
         tune(sock)
         return sock, peer
+
+
+async def serve_listener(
+    listener: socket.socket,
+    connections: trio.Nursery,
+    handler: Callable[[socket.socket], Awaitable[object]],
+) -> None:
+    """Accept until cancelled, serving each connection as `handler(sock)` in `connections`.
+
+    Out-of-resources errors are logged and retried after a pause (like trio's serve loop).
+    When cancelled, the connections already queued on the listener are served too: closing a
+    listener resets them, and a pod being released still has some in flight.
+    """
+    try:
+        while True:
+            try:
+                sock, _ = await accept(listener)
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                _log.error("accept failed, backing off", error=str(exc))
+                await trio.sleep(0.1)
+                continue
+            connections.start_soon(handler, sock)
+    finally:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                break
+            sock.setblocking(False)
+            tune(sock)
+            connections.start_soon(handler, sock)
 
 
 async def connect(

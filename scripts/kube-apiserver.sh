@@ -100,6 +100,21 @@ build() {
   echo "kube-apiserver.sh: built $apiserver"
 }
 
+# kube-apiserver first (it keeps retrying a vanished etcd for a minute and more), given 3 s
+# to stop on SIGTERM (inside the 5 s its owner waits for this script) and then killed, so no
+# test run leaves it behind; then etcd.
+stop_servers() {
+  local apiserver_pid=$1 etcd_pid=$2
+  kill "$apiserver_pid" 2>/dev/null || true # (set -e: a process already gone is fine)
+  for _ in $(seq 30); do
+    kill -0 "$apiserver_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -9 "$apiserver_pid" 2>/dev/null || true
+  kill "$etcd_pid" 2>/dev/null || true
+  wait
+}
+
 run() {
   local dir=${1:?usage: $0 run DIR [PORT [ETCD_PORT [ETCD_PEER_PORT]]]}
   local port=${2:-26443} etcd_port=${3:-22379} peer_port=${4:-22380}
@@ -148,7 +163,7 @@ run() {
     >"$dir/kube-apiserver.log" 2>&1 &
   local apiserver_pid=$!
   # shellcheck disable=SC2064 # expand the pids now
-  trap "kill $apiserver_pid $etcd_pid 2>/dev/null; wait" EXIT
+  trap "stop_servers $apiserver_pid $etcd_pid" EXIT
   trap "exit 0" TERM INT
 
   local deadline=$((SECONDS + 60))

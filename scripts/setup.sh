@@ -5,7 +5,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
-debs=(wrk nginx-light iperf3 nghttp2-client tcpdump nftables iproute2 curl etcd-server)
+debs=(wrk nginx-light iperf3 nghttp2-client tcpdump nftables iproute2 curl etcd-server kubernetes-client prometheus chromium)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")

@@ -4,8 +4,8 @@ A real kube-apiserver (v1.20.2) with etcd on loopback, shared by the whole test 
 
 `kube_apiserver` builds the binary once per machine (scripts/kube-apiserver.sh build, about
 5 minutes the first time, cached under /var/cache/ambient-mesh), starts etcd and the API
-server with a static admin token and a service-account key pair, installs the CRDs of the
-mesh kinds, and yields an admin `ApiClient` plus the kubeconfig. It skips, saying why, when
+server with a static admin token and a service-account key pair, installs the mesh's CRDs
+(deploy/crds, what `ambientctl install` prints), and yields an admin `ApiClient` plus the kubeconfig. It skips, saying why, when
 the binary is missing and cannot be built (not root, no package mirror) or etcd is missing.
 
 There is no scheduler, kubelet or controller-manager: tests create Pods with `spec.nodeName`
@@ -27,6 +27,7 @@ from pathlib import Path
 import kubernetes.client
 import kubernetes.config
 import pytest
+import yaml
 from kubernetes.client.exceptions import ApiException
 
 from meshcore.testing.procs import ProcessError, free_port, start_process
@@ -37,12 +38,8 @@ CACHED_BINARY = Path("/var/cache/ambient-mesh/kube-v1.20.2/bin/kube-apiserver")
 BUILD_TIMEOUT = 20 * 60
 START_TIMEOUT = 90
 
-# The mesh's custom kinds, as Istio installs them: served as v1 and v1beta1, stored as v1.
-# A minimal structural schema; validating the contents is the translator's job.
-MESH_CRDS = (
-    ("security.istio.io", "AuthorizationPolicy", "authorizationpolicies"),
-    ("security.istio.io", "PeerAuthentication", "peerauthentications"),
-)
+# The CRDs `ambientctl install` prints: every kube test runs on the real schemas.
+CRD_DIR = REPO / "deploy" / "crds"
 
 
 @dataclass(frozen=True)
@@ -133,44 +130,17 @@ def kube_namespace(kube_apiserver: KubeApiServer) -> str:
 
 def _install_crds(api_client: kubernetes.client.ApiClient) -> None:
     extensions = kubernetes.client.ApiextensionsV1Api(api_client)
-    schema = {
-        "type": "object",
-        "properties": {
-            "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        },
-    }
-    for group, kind, plural in MESH_CRDS:
-        versions = [
-            {
-                "name": version,
-                "served": True,
-                "storage": version == "v1",
-                "schema": {"openAPIV3Schema": schema},
-                "subresources": {"status": {}},
-            }
-            for version in ("v1", "v1beta1")
-        ]
-        extensions.create_custom_resource_definition(
-            {
-                "apiVersion": "apiextensions.k8s.io/v1",
-                "kind": "CustomResourceDefinition",
-                "metadata": {"name": f"{plural}.{group}"},
-                "spec": {
-                    "group": group,
-                    "scope": "Namespaced",
-                    "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-                    "versions": versions,
-                },
-            }
-        )
+    crds = [yaml.safe_load(path.read_text()) for path in sorted(CRD_DIR.glob("*.yaml"))]
+    for crd in crds:
+        extensions.create_custom_resource_definition(crd)
     # Established = the API server serves the new resources.
     custom = kubernetes.client.CustomObjectsApi(api_client)
     deadline = time.monotonic() + 30
-    for group, _, plural in MESH_CRDS:
+    for crd in crds:
+        storage = next(v["name"] for v in crd["spec"]["versions"] if v["storage"])
         while True:
             try:
-                custom.list_cluster_custom_object(group, "v1", plural)
+                custom.list_cluster_custom_object(crd["spec"]["group"], storage, crd["spec"]["names"]["plural"])
                 break
             except ApiException as exc:
                 if exc.status != 404 or time.monotonic() > deadline:

@@ -15,6 +15,7 @@ from waypoint.settings import ConfigError, load_settings
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="waypoint", description="Ambient mesh waypoint: the L7 proxy for services bound to it.")
     parser.add_argument("--config", required=True, type=Path, help="the waypoint YAML configuration file")
+    parser.add_argument("--address", help="the pod IP to listen on, replacing the file's `address`")
     parser.add_argument("--log-level", default="info", choices=LEVEL_NAMES, help="initial log level (default: info)")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from waypoint.app import Waypoint
 
     try:
-        waypoint = Waypoint(load_settings(args.config))
+        waypoint = Waypoint(load_settings(args.config, address=args.address))
     except ConfigError as exc:
         print(f"waypoint: {exc}", file=sys.stderr)
         return 2

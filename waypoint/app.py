@@ -6,11 +6,13 @@ Task tree:
     ├── config feed (delta xDS from istiod_lite, or a static feed: the store's single writer)
     ├── certificate manager (the waypoint's own workload certificate, renewed at half life)
     ├── upstreams (the HBONE pool to endpoints' ztunnels, HTTP/2 upstream connections)
-    ├── metrics :15020, readiness :15021, admin :15000 (loopback)
+    ├── OTLP span exporter (when tracing has an endpoint)
+    ├── metrics and flow events (/debug/flows) :15020, readiness :15021, admin :15000 (loopback)
     └── HBONE listener :15008, under the drain (one task per connection, one per tunnel)
 
 Readiness waits for the first full config and the certificate. Draining stops accepting,
-sends GOAWAY on HBONE connections, gives open requests `drainSeconds`, then cancels the rest.
+sends GOAWAY on HBONE connections, gives open requests `drainSeconds`, then cancels the rest;
+then the spans still queued get up to TRACE_FLUSH_SECONDS to be exported.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import trio
 from meshcore import netio
 from meshcore.admin import Readiness, admin_routes, metrics_routes, readiness_routes, serve_http
 from meshcore.drain import Drain, install_signal_handlers
+from meshcore.flows import FlowBroadcaster, flows_routes
 from meshcore.identity.caclient import RemoteCaProvider
 from meshcore.identity.manager import CertificateManager, CertificateProvider, CertificateUnavailable
 from meshcore.log import get_logger
@@ -30,14 +33,18 @@ from meshcore.metrics import new_registry
 from waypoint.feeds import StaticFeed, WaypointStore, XdsFeed
 from waypoint.listener import HboneListener
 from waypoint.metrics import WaypointMetrics
+from waypoint.otlp import OtlpExporter
 from waypoint.pipeline import Pipeline
 from waypoint.settings import ConfigError, WaypointSettings
+from waypoint.tracing import Tracer
 from waypoint.upstream import Upstreams
 
 _log = get_logger("waypoint")
 
 # How long to wait between attempts to get the waypoint's first certificate.
 _CERTIFICATE_RETRY_SECONDS = 1.0
+# After the drain, how long queued spans may take to reach the collector.
+TRACE_FLUSH_SECONDS = 5.0
 
 
 class Waypoint:
@@ -77,7 +84,17 @@ class Waypoint:
         self.upstreams = Upstreams(
             certificates=self.certificates, identity=settings.identity, max_header_bytes=settings.http.max_header_bytes
         )
-        self.pipeline = Pipeline(self.store, self.upstreams, self.metrics, settings.http, rng=rng)
+        self.flows = FlowBroadcaster(settings.waypoint_key)
+        endpoint = settings.tracing.otlp_endpoint
+        self.exporter = (
+            OtlpExporter(endpoint, service_name=settings.service_name, registry=self.registry) if endpoint is not None else None
+        )
+        tracer = Tracer(
+            node_id=settings.node_id,
+            sampling_percent=settings.tracing.sampling_percent,
+            export=self.exporter.submit if self.exporter is not None else None,
+        )
+        self.pipeline = Pipeline(self.store, self.upstreams, self.metrics, settings.http, rng=rng, flows=self.flows, tracer=tracer)
         self.listener = HboneListener(
             identity=settings.identity,
             certificates=self.certificates,
@@ -98,8 +115,10 @@ class Waypoint:
                 nursery.start_soon(self.feed.run)
                 await nursery.start(self.certificates.run)
                 await nursery.start(self.upstreams.run)
+                if self.exporter is not None:
+                    await nursery.start(self.exporter.run)
                 for port, routes, host in (
-                    (settings.ports.metrics, metrics_routes(self.registry), settings.address),
+                    (settings.ports.metrics, metrics_routes(self.registry) | flows_routes(self.flows), settings.address),
                     (settings.ports.readiness, readiness_routes(self.readiness), settings.address),
                     (settings.ports.admin, admin_routes(self.config_dump, self.drain), "127.0.0.1"),
                 ):
@@ -117,6 +136,9 @@ class Waypoint:
                         netio.close(listener)  # draining: new connections are refused, not queued
 
                 await self.drain.run_until_drained(accept_loop)
+                if self.exporter is not None:
+                    with trio.move_on_after(TRACE_FLUSH_SECONDS):
+                        await self.exporter.aclose()
                 nursery.cancel_scope.cancel()
         finally:
             netio.close(listener)

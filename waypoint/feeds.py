@@ -286,7 +286,7 @@ class XdsFeed:
         self._client = DeltaXdsClient(
             control_plane.address,
             node=base_pb2.Node(
-                id=f"waypoint~{settings.address}~{settings.name}.{settings.namespace}~{settings.namespace}.svc.cluster.local",
+                id=settings.node_id,
                 metadata=metadata,
             ),
             type_urls=WAYPOINT_TYPE_URLS,

@@ -63,16 +63,7 @@ class HboneListener:
         self._drain = drain
 
     async def serve_listener(self, listener: socket.socket, connections: trio.Nursery) -> None:
-        while True:
-            try:
-                sock, _ = await netio.accept(listener)
-            except OSError as exc:
-                if exc.errno not in netio.ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                _log.error("accept failed, backing off", error=str(exc))
-                await trio.sleep(0.1)
-                continue
-            connections.start_soon(self._serve_connection, sock)
+        await netio.serve_listener(listener, connections, self._serve_connection)
 
     async def _serve_connection(self, sock: socket.socket) -> None:
         peer = sock.getpeername()[:2]

@@ -13,7 +13,9 @@ In order, as an Envoy waypoint's HTTP filter chain and router do it:
      cluster's retry budget and the request body's replay buffer allow (URX when retries
      ran out); the route timeout bounds everything after the route was chosen (504 UT);
   6. response header changes, then the response streams back to the client;
-  7. one metrics record and one access-log event, whatever happened.
+  7. one metrics record, one access-log event and one flow event, whatever happened; and
+     the request's span when tracing records it (waypoint.tracing: the upstream request
+     carries the waypoint's `traceparent`).
 
 The pure decisions live in waypoint.routing and waypoint.policy; this module only acts on
 them. Per-cluster state that outlives a request (load balancer turns and active counts,
@@ -26,22 +28,23 @@ matching grpc-status (Envoy's local-reply mapping), so gRPC clients see a gRPC e
 
 from __future__ import annotations
 
-import os
 import random
-import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
+from meshcore.flows import FlowBroadcaster
 from meshcore.identity.spiffe import Identity
 from meshcore.log import get_logger
 from waypoint.config.model import ClusterConfig, Endpoint, Fault, RetryPolicy, RouteAction, UpstreamProtocol
 from waypoint.feeds import ServiceInfo, WaypointSnapshot, WaypointStore
+from waypoint.flows import request_flow
 from waypoint.http1 import Respond
 from waypoint.messages import Body, BodyError, BufferedBody, Headers, Request, Response, header_value, local_reply
 from waypoint.metrics import NO_FLAG, PeerLabels, RequestRecord, WaypointMetrics, format_flags
-from waypoint.policy.authz import RequestAttributes, evaluate
+from waypoint.policy.authz import Decision, RequestAttributes, evaluate
 from waypoint.policy.lb import LoadBalancer, NoHealthyUpstream
 from waypoint.policy.limits import ConnectionPoolLimits, Overflow
 from waypoint.policy.outlier import OutlierDetector
@@ -49,11 +52,11 @@ from waypoint.policy.retry import Outcome, UpstreamFailure, backoff, is_retriabl
 from waypoint.routing.match import RequestHead, apply_header_changes, find_route, rewritten_target
 from waypoint.routing.split import choose_backend
 from waypoint.settings import HttpLimits
+from waypoint.tracing import TRACEPARENT, TRACESTATE, Hop, Tracer
 from waypoint.upstream import UpstreamError, Upstreams
 
 _log = get_logger("pipeline")
 
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _RESET_BEFORE_HEADERS = "upstream connect error or disconnect/reset before headers. reset reason: "
 # Envoy's Grpc::Utility::httpToGrpcStatus, for replies the waypoint makes itself.
 _GRPC_STATUS_FOR_HTTP = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
@@ -242,7 +245,7 @@ class _Exchange:
     downstream: Downstream
     request: Request
     started: float
-    trace_id: str
+    hop: Hop
     grpc: bool
     flags: list[str] = field(default_factory=list)
     details: str = "via_upstream"
@@ -253,6 +256,7 @@ class _Exchange:
     attempts: int = 0
     response_bytes: int = 0
     error: str | None = None
+    authz: Decision | None = None  # None until authorization ran
 
 
 @dataclass(slots=True)
@@ -288,8 +292,12 @@ class Pipeline:
         limits: HttpLimits,
         *,
         rng: random.Random | None = None,
+        flows: FlowBroadcaster | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._store = store
+        self._tracer = tracer or Tracer()
+        self._flows = flows
         self._upstreams = upstreams
         self._metrics = metrics
         self._limits = limits
@@ -302,17 +310,16 @@ class Pipeline:
 
     async def handle(self, downstream: Downstream, request: Request, respond: Respond) -> None:
         snapshot = self._sync()
-        traceparent, trace_id = next_traceparent(request.header("traceparent"))
         exchange = _Exchange(
             downstream=downstream,
             request=request,
             started=trio.current_time(),
-            trace_id=trace_id,
+            hop=self._tracer.start(request.headers, now_unix_nano=time.time_ns()),
             grpc=(request.header("content-type") or "").startswith("application/grpc"),
         )
         replay = _ReplayableBody(request.body, self._limits.retry_buffer_bytes)
         try:
-            await self._serve(exchange, snapshot, replay, traceparent, respond)
+            await self._serve(exchange, snapshot, replay, respond)
         except LocalReply as reply:
             exchange.flags.append(reply.flag)
             exchange.details = reply.details
@@ -345,7 +352,7 @@ class Pipeline:
         return snapshot
 
     async def _serve(
-        self, exchange: _Exchange, snapshot: WaypointSnapshot, replay: _ReplayableBody, traceparent: str, respond: Respond
+        self, exchange: _Exchange, snapshot: WaypointSnapshot, replay: _ReplayableBody, respond: Respond
     ) -> None:
         downstream, request = exchange.downstream, exchange.request
         service = snapshot.routes.services.get(downstream.listener)
@@ -354,6 +361,7 @@ class Pipeline:
         head = RequestHead.from_target(request.method, request.target, request.headers, request.authority)
         principal = downstream.client_identity.uri if downstream.client_identity else None
         decision = evaluate(service.authz.deny, service.authz.allow, RequestAttributes(head, principal, downstream.port))
+        exchange.authz = decision
         if not decision.allowed:
             raise LocalReply(403, NO_FLAG, f"rbac_access_denied_matched_policy[{decision.policy_name or 'none'}]", "RBAC: access denied")
         route = find_route(service.routes, head)
@@ -363,7 +371,7 @@ class Pipeline:
         if action.fault is not None:
             await self._inject_fault(exchange, action.fault)
         headers = apply_header_changes(
-            tuple((k, v) for k, v in request.headers if k != "traceparent") + (("traceparent", traceparent),),
+            tuple((k, v) for k, v in request.headers if k not in (TRACEPARENT, TRACESTATE)) + exchange.hop.upstream_headers(),
             action.request_headers_to_add,
             action.request_headers_to_remove,
         )
@@ -565,41 +573,33 @@ class Pipeline:
             )
         service_ref = exchange.cluster.config.service if exchange.cluster is not None else None
         service = downstream.service
-        self._metrics.record(
-            RequestRecord(
-                source=source,
-                source_address=f"{downstream.client_address[0]}:{downstream.client_address[1]}",
-                destination=destination,
-                destination_address=str(endpoint) if endpoint is not None else None,
-                service_host=service_ref.host if service_ref else service.hostname,
-                service_name=service_ref.name if service_ref else service.name,
-                service_namespace=service_ref.namespace if service_ref else service.namespace,
-                method=request.method,
-                authority=request.authority,
-                path=request.target,
-                protocol="grpc" if exchange.grpc else "http",
-                http_version=request.protocol,
-                response_code=exchange.status,
-                response_flags=format_flags(exchange.flags),
-                response_code_details=exchange.details,
-                grpc_status=exchange.grpc_status if exchange.grpc else "",
-                duration_ms=(trio.current_time() - exchange.started) * 1000.0,
-                request_bytes=replay.bytes_read,
-                response_bytes=exchange.response_bytes,
-                upstream_cluster=exchange.cluster.config.name if exchange.cluster is not None else None,
-                attempts=exchange.attempts,
-                trace_id=exchange.trace_id,
-                error=exchange.error,
-            )
+        record = RequestRecord(
+            source=source,
+            source_address=f"{downstream.client_address[0]}:{downstream.client_address[1]}",
+            destination=destination,
+            destination_address=str(endpoint) if endpoint is not None else None,
+            service_host=service_ref.host if service_ref else service.hostname,
+            service_name=service_ref.name if service_ref else service.name,
+            service_namespace=service_ref.namespace if service_ref else service.namespace,
+            method=request.method,
+            authority=request.authority,
+            path=request.target,
+            protocol="grpc" if exchange.grpc else "http",
+            http_version=request.protocol,
+            response_code=exchange.status,
+            response_flags=format_flags(exchange.flags),
+            response_code_details=exchange.details,
+            grpc_status=exchange.grpc_status if exchange.grpc else "",
+            duration_ms=(trio.current_time() - exchange.started) * 1000.0,
+            request_bytes=replay.bytes_read,
+            response_bytes=exchange.response_bytes,
+            upstream_cluster=exchange.cluster.config.name if exchange.cluster is not None else None,
+            attempts=exchange.attempts,
+            trace_id=exchange.hop.trace_id,
+            error=exchange.error,
         )
+        self._metrics.record(record)
+        self._tracer.finish(exchange.hop, record, operation=f"{downstream.listener}/*", now_unix_nano=time.time_ns())
+        if self._flows is not None:
+            self._flows.publish(request_flow(self._flows.proxy, record, exchange.authz, addresses))
 
-
-def next_traceparent(incoming: str | None) -> tuple[str, str]:
-    """The W3C traceparent to send upstream and its trace id: the client's trace continues
-    with a new span id for this hop; a missing or malformed header starts a new trace."""
-    match = _TRACEPARENT.fullmatch(incoming.strip().lower()) if incoming else None
-    if match is not None and match.group(1) != "0" * 32:
-        trace_id, flags = match.group(1), match.group(3)
-    else:
-        trace_id, flags = os.urandom(16).hex(), "00"
-    return f"00-{trace_id}-{os.urandom(8).hex()}-{flags}", trace_id

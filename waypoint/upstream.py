@@ -16,10 +16,15 @@ the CONNECT answer) must finish within the cluster's `connect_timeout`.
 
 Invariants:
 * Every open connection holds one unit of its cluster's `connections` resource, released
-  exactly once when it closes.
+  exactly once: when it closes, or when its cluster config is replaced (below).
 * An HTTP/1.1 connection is in the idle list only while no request uses it; connections
   idle longer than `IDLE_TIMEOUT` are closed (Envoy's upstream idle timeout is 1 h; ours
   is shorter because every idle connection pins an HBONE tunnel).
+* Connections serve only the Cluster config (and limits) they were opened under. A changed
+  Cluster (a DestinationRule edit: limits, protocol, balancing...) drains them, as Envoy
+  drains the pools of a cluster that CDS replaced: idle ones close at once, busy ones once
+  their requests end, and they stop counting against `max_connections` (in Envoy they
+  count against the old cluster's breakers), so the new limits hold from the next request.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from waypoint.policy.retry import UpstreamFailure
 HBONE_PORT = 15008  # facts §1: the destination ztunnel listens on the pod IP's 15008
 IDLE_TIMEOUT = 60.0
 _REAP_INTERVAL = 5.0
+_DRAIN_POLL_INTERVAL = 0.1  # how soon a drained HTTP/2 connection closes after its last stream
 # TLS with a peer ztunnel (the TCP connect is under the cluster's connect_timeout).
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -82,8 +88,12 @@ class UpstreamReset(UpstreamError):
 
 @dataclass(slots=True)
 class _ClusterConnections:
-    """The open connections of one cluster, per (endpoint, protocol)."""
+    """The open connections of one cluster config, per (endpoint, protocol)."""
 
+    config: ClusterConfig
+    limits: ConnectionPoolLimits
+    draining: bool = False  # the cluster config changed: no new requests, close when idle
+    holding: int = 0  # units of `limits.connections` its connections hold
     idle: dict[tuple[str, int], list[tuple[Http1ClientConnection, float]]] = field(default_factory=dict)  # with idle-since
     multiplexed: dict[tuple[str, int], list[Http2ClientConnection]] = field(default_factory=dict)
     released: trio.Event = field(default_factory=trio.Event)
@@ -142,14 +152,18 @@ class Upstreams:
         Raises UpstreamConnectFailed, UpstreamReset, Overflow (no room to wait for a
         connection), BodyError (the request body broke on the way).
         """
-        connections = self._clusters.setdefault(cluster.name, _ClusterConnections())
+        connections = self._clusters.get(cluster.name)
+        if connections is None or connections.config != cluster or connections.limits is not limits:
+            if connections is not None:
+                self._drain(connections)
+            connections = self._clusters[cluster.name] = _ClusterConnections(cluster, limits)
         if http2:
-            connection2 = await self._lease_http2(cluster, limits, connections, endpoint, tunnel_headers)
+            connection2 = await self._lease_http2(cluster, connections, endpoint, tunnel_headers)
             try:
                 return await connection2.send(request)
             except StreamResetError as exc:
                 raise UpstreamReset(f"{_describe(cluster, endpoint)}: {exc}", refused=exc.refused) from exc
-        connection1 = await self._lease_http1(cluster, limits, connections, endpoint, tunnel_headers)
+        connection1 = await self._lease_http1(cluster, connections, endpoint, tunnel_headers)
         try:
             return await connection1.send(request)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -162,7 +176,6 @@ class Upstreams:
     async def _lease_http1(
         self,
         cluster: ClusterConfig,
-        limits: ConnectionPoolLimits,
         connections: _ClusterConnections,
         endpoint: Endpoint,
         tunnel_headers: tuple[tuple[str, str], ...],
@@ -173,34 +186,35 @@ class Upstreams:
                 connection, _ = idle.pop()
                 if not connection.closed:
                     return connection
-            if self._make_room(limits, connections):
+            if self._make_room(connections):
                 break
-            await self._wait_pending(limits, connections)
+            await self._wait_pending(connections)
         max_requests = cluster.limits.max_requests_per_connection
         try:
             stream = await self._open_stream(cluster, endpoint, tunnel_headers)
         except BaseException:
-            self._connection_closed(limits, connections)
+            self._connection_closed(connections)
             raise
 
         def on_idle(connection: Http1ClientConnection) -> None:
-            if max_requests is not None and connection.requests_sent >= max_requests:
+            if connections.draining or (max_requests is not None and connection.requests_sent >= max_requests):
                 self._nursery_close(connection)
                 return
             connections.idle.setdefault(endpoint.key, []).append((connection, trio.current_time()))
             connections.signal()
 
         return Http1ClientConnection(
-            _ClosingStream(stream, lambda: self._connection_closed(limits, connections)),
+            _ClosingStream(stream, lambda: self._connection_closed(connections)),
             max_header_bytes=self._max_header_bytes,
             on_idle=on_idle,
         )
 
-    def _make_room(self, limits: ConnectionPoolLimits, connections: _ClusterConnections) -> bool:
+    def _make_room(self, connections: _ClusterConnections) -> bool:
         """Take a connection slot, closing an idle connection of another endpoint if the
         cluster is at its limit; False when every slot is busy."""
-        if limits.connections.can_acquire():
-            limits.connections.try_acquire()
+        if connections.limits.connections.can_acquire():
+            connections.limits.connections.try_acquire()
+            connections.holding += 1
             return True
         for idle in connections.idle.values():
             while idle:
@@ -210,17 +224,41 @@ class Upstreams:
                     return False  # its release wakes us to take the slot
         return False
 
-    async def _wait_pending(self, limits: ConnectionPoolLimits, connections: _ClusterConnections) -> None:
+    async def _wait_pending(self, connections: _ClusterConnections) -> None:
         """Wait for a connection to be released, counted as a pending request (UO when full)."""
-        limits.pending.try_acquire()
+        connections.limits.pending.try_acquire()
         try:
             await connections.released.wait()
         finally:
-            limits.pending.release()
+            connections.limits.pending.release()
 
-    def _connection_closed(self, limits: ConnectionPoolLimits, connections: _ClusterConnections) -> None:
-        limits.connections.release()
+    def _connection_closed(self, connections: _ClusterConnections) -> None:
+        if connections.holding:  # not when draining released it already
+            connections.holding -= 1
+            connections.limits.connections.release()
         connections.signal()
+        current = self._clusters.get(connections.config.name)
+        if current is not None and current is not connections:
+            current.signal()  # a drained connection made room for the new config's requests
+
+    def _drain(self, connections: _ClusterConnections) -> None:
+        """Retire the connections of a replaced cluster config (see the module invariants)."""
+        connections.draining = True
+        for _ in range(connections.holding):
+            connections.limits.connections.release()
+        connections.holding = 0
+        for idle in connections.idle.values():
+            while idle:
+                self._nursery_close(idle.pop()[0])
+        assert self._nursery is not None
+        for pool in connections.multiplexed.values():
+            for connection in pool:
+                self._nursery.start_soon(self._close_when_idle, connection)
+
+    async def _close_when_idle(self, connection: Http2ClientConnection) -> None:
+        while connection.active_requests and not connection.closed.is_set():
+            await trio.sleep(_DRAIN_POLL_INTERVAL)
+        await connection.aclose()
 
     def _nursery_close(self, connection: Http1ClientConnection) -> None:
         assert self._nursery is not None
@@ -231,7 +269,6 @@ class Upstreams:
     async def _lease_http2(
         self,
         cluster: ClusterConfig,
-        limits: ConnectionPoolLimits,
         connections: _ClusterConnections,
         endpoint: Endpoint,
         tunnel_headers: tuple[tuple[str, str], ...],
@@ -241,26 +278,25 @@ class Upstreams:
             for connection in pool:
                 if connection.usable:
                     return connection
-            if self._make_room(limits, connections):
+            if self._make_room(connections):
                 break
-            await self._wait_pending(limits, connections)
+            await self._wait_pending(connections)
         try:
             stream = await self._open_stream(cluster, endpoint, tunnel_headers)
         except BaseException:
-            self._connection_closed(limits, connections)
+            self._connection_closed(connections)
             raise
         connection = Http2ClientConnection(
             stream, max_requests=cluster.limits.max_requests_per_connection, max_header_bytes=self._max_header_bytes
         )
         assert self._nursery is not None
-        await self._nursery.start(self._run_http2, connection, pool, limits, connections)
+        await self._nursery.start(self._run_http2, connection, pool, connections)
         return connection
 
     async def _run_http2(
         self,
         connection: Http2ClientConnection,
         pool: list[Http2ClientConnection],
-        limits: ConnectionPoolLimits,
         connections: _ClusterConnections,
         *,
         task_status: trio.TaskStatus[None],
@@ -270,7 +306,7 @@ class Upstreams:
             await connection.run(task_status=task_status)
         finally:
             pool.remove(connection)
-            self._connection_closed(limits, connections)
+            self._connection_closed(connections)
 
     # --- opening streams ---
 

@@ -8,7 +8,7 @@ Task tree:
     │   tracker that fetches one for every local workload identity as workloads come and go
     ├── HBONE pool (client connections to peer ztunnels)
     ├── policy watcher (closes open connections a new policy denies)
-    ├── metrics :15020, readiness :15021, admin :15000 (loopback)
+    ├── metrics and flow events (/debug/flows) :15020, readiness :15021, admin :15000 (loopback)
     └── proxies, under the drain: outbound :15001, SOCKS5 :15080, plaintext inbound :15006,
         and HBONE inbound :15008 on every local workload IP (re-bound as workloads change)
 
@@ -28,6 +28,7 @@ import trio
 from meshcore import netio
 from meshcore.admin import Readiness, admin_routes, metrics_routes, readiness_routes, serve_http
 from meshcore.drain import Drain, install_signal_handlers
+from meshcore.flows import FlowBroadcaster, flows_routes
 from meshcore.hbone.pool import HbonePool
 from meshcore.identity.ca import CertificateAuthority
 from meshcore.identity.caclient import RemoteCaProvider
@@ -81,6 +82,7 @@ class Ztunnel:
         self.drain = Drain(grace=config.drain_seconds)
         self.readiness = Readiness(pending=("state", "certificates", "proxy"))
         self.state = StateStore()
+        self.flows = FlowBroadcaster(config.node)
         if isinstance(config.source, LocalSource):
             provider: CertificateProvider = LocalCaProvider(load_ca(config.source))
             self.feed: LocalFileFeed | XdsFeed = LocalFileFeed(config.source.state_path, self.state, self.registry)
@@ -96,7 +98,7 @@ class Ztunnel:
             config=config,
             state=self.state,
             certificates=self.certificates,
-            metrics=ZtunnelMetrics(self.registry),
+            metrics=ZtunnelMetrics(self.registry, self.flows),
             pool=HbonePool(lambda key: outbound_dial(key)),
             connections=ConnectionManager(self.state),
             drain=self.drain,
@@ -138,7 +140,7 @@ class Ztunnel:
             await nursery.start(self.inputs.pool.run)
             nursery.start_soon(self.inputs.connections.watch_policies)
             for port, routes, host in (
-                (config.ports.metrics, metrics_routes(self.registry), config.address),
+                (config.ports.metrics, metrics_routes(self.registry) | flows_routes(self.flows), config.address),
                 (config.ports.readiness, readiness_routes(self.readiness), config.address),
                 (config.ports.admin, admin_routes(self.config_dump, self.drain), config.address),
             ):

@@ -1,7 +1,9 @@
 """ztunnel/config: the node proxy's settings, parsed once from a YAML file into frozen values.
 
     node: node-a                 # workloads in the state file on this node are served here
-    address: 127.0.0.1           # node address: outbound, socks5, plaintext, metrics, admin bind here
+                                 # (default: $NODE_NAME, as Istio's DaemonSet sets it)
+    address: 127.0.0.1           # node address: outbound, socks5, plaintext, metrics, admin bind
+                                 # here (default: $INSTANCE_IP, the pod's IP in a DaemonSet)
     trustDomain: cluster.local
     # Either a local state file and a dev CA (no control plane) ...
     state: state.yaml            # workloads/services/policies in ztunnel's local-config format
@@ -20,6 +22,8 @@ Relative paths are relative to the config file. Errors name the file and the fie
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,8 @@ DEFAULT_PORTS = {
     "readiness": 15021,
     "admin": 15000,
 }
+# Fields a DaemonSet's Downward API supplies when the file leaves them out.
+_FROM_ENVIRONMENT = {"node": "NODE_NAME", "address": "INSTANCE_IP"}
 _TOP_LEVEL = ("node", "address", "trustDomain", "state", "ca", "controlPlane", "ports", "drainSeconds", "inpod")
 
 
@@ -78,10 +84,15 @@ class ZtunnelConfig:
 
 
 def load_config(path: Path) -> ZtunnelConfig:
-    return parse_config(load_yaml_file(path), source=str(path), base=path.parent)
+    return parse_config(load_yaml_file(path), source=str(path), base=path.parent, environ=os.environ)
 
 
-def parse_config(raw: Any, *, source: str, base: Path) -> ZtunnelConfig:
+def parse_config(raw: Any, *, source: str, base: Path, environ: Mapping[str, str] | None = None) -> ZtunnelConfig:
+    """`environ`: where `node` and `address` come from when the file leaves them out (one
+    ConfigMap serves every node of a DaemonSet)."""
+    if isinstance(raw, dict) and environ is not None:
+        defaults = {key: environ[variable] for key, variable in _FROM_ENVIRONMENT.items() if environ.get(variable)}
+        raw = {**defaults, **raw}
     config = ConfigReader(raw, source=source, base=base, known=_TOP_LEVEL)
     address = config.ip_address("address")
     if "controlPlane" in raw:

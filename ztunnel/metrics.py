@@ -14,7 +14,9 @@ numbers the same way:
   source reporter the two are swapped into the counters; the access log keeps the reporter's
   own view.
 - Every connection ends in exactly one access-log event (logger "access"), whether it
-  finished, failed or was denied.
+  finished, failed or was denied, and in one flow event (`meshcore.flows`) carrying the
+  verdict and the policy that decided it (`allowed_by` for an allowed one, the error's
+  decision for a denied one).
 
     recorder = metrics.connection(info)
     recorder.opened()
@@ -35,8 +37,10 @@ from typing import TYPE_CHECKING, Literal
 import prometheus_client
 import trio
 
+from meshcore.flows import FlowBroadcaster, FlowEvent, FlowPeer, Verdict
 from meshcore.log import get_logger
 from meshcore.metrics import TCP_LABELS, UNKNOWN, register_build_info
+from ztunnel.proxy.errors import AuthorizationRevoked, HboneRejected, PolicyDenied
 
 if TYPE_CHECKING:
     from meshcore.identity.spiffe import Identity
@@ -74,7 +78,9 @@ class ConnectionInfo:
 class ZtunnelMetrics:
     """The ztunnel's metric families, registered in `registry`."""
 
-    def __init__(self, registry: prometheus_client.CollectorRegistry) -> None:
+    def __init__(self, registry: prometheus_client.CollectorRegistry, flows: FlowBroadcaster | None = None) -> None:
+        self.flows = flows
+
         def counter(name: str, documentation: str) -> prometheus_client.Counter:
             # prometheus_client appends the "_total" suffix Istio's names carry.
             return prometheus_client.Counter(name, documentation, TCP_LABELS, registry=registry)
@@ -121,6 +127,7 @@ class ConnectionRecorder:
         self._counted_open = False
         self._socket_open = False
         self._recorded = False
+        self._policy: str | None = None
         # Resolved once: labelled-child lookup takes a lock and hashes 23 strings.
         self._opened_child = metrics.connections_opened.labels(**self._labels)
         self._sent_child = metrics.sent_bytes.labels(**self._labels)
@@ -134,6 +141,10 @@ class ConnectionRecorder:
         self._count_open()
         self._socket_open = True
         self._sockets_child.inc()
+
+    def allowed_by(self, policy: str | None) -> None:
+        """The "ns/name" of the ALLOW policy that let the connection in (None: no policy applied)."""
+        self._policy = policy
 
     def closed(self, *, sent: int, received: int, error: BaseException | None) -> None:
         """The connection ended, cleanly (`error=None`) or not; only the first call counts."""
@@ -154,6 +165,9 @@ class ConnectionRecorder:
         self._received_child.inc(request_bytes)
         self._sent_child.inc(response_bytes)
         self._log(sent=sent, received=received, error=error, flag=flag)
+        flows = self._metrics.flows
+        if flows is not None:
+            flows.publish(self._flow(flows.proxy, request_bytes, response_bytes, error, flag))
 
     def failed(self, error: BaseException) -> None:
         """The connection was refused or failed before any byte was relayed (e.g. denied)."""
@@ -188,6 +202,42 @@ class ConnectionRecorder:
             _access_log.info("connection complete", **fields)
         else:
             _access_log.error("connection complete", **fields)
+
+    def _flow(self, proxy: str, request_bytes: int, response_bytes: int, error: BaseException | None, flag: str) -> FlowEvent:
+        info, labels = self._info, self._labels
+        verdict: Verdict = "allowed"
+        policy = self._policy
+        if isinstance(error, PolicyDenied):
+            verdict, policy = "denied", error.decision.policy
+        elif isinstance(error, AuthorizationRevoked):
+            verdict, policy = "denied", error.policy
+        elif isinstance(error, HboneRejected) and error.status == 401:
+            verdict, policy = "denied", None  # the destination decided; its flow names the policy
+        src, dst = info.source_workload, info.destination_workload
+        return FlowEvent(
+            time=time.time(),
+            proxy=proxy,
+            reporter=info.reporter,
+            source=FlowPeer(
+                workload=src.name if src else None,
+                namespace=_known(labels["source_workload_namespace"]),
+                identity=_known(labels["source_principal"]) if info.mtls else None,
+                address=format_addr(info.src_addr),
+            ),
+            destination=FlowPeer(
+                workload=dst.name if dst else None,
+                namespace=_known(labels["destination_workload_namespace"]),
+                identity=_known(labels["destination_principal"]) if info.mtls else None,
+                address=info.hbone_target or format_addr(info.dst_addr),
+                service=_known(labels["destination_service"]),
+            ),
+            verdict=verdict,
+            policy=policy,
+            bytes_sent=request_bytes,
+            bytes_received=response_bytes,
+            duration_ms=round((time.monotonic() - self._start) * 1000, 3),
+            flags=flag,
+        )
 
 
 def connection_labels(info: ConnectionInfo) -> dict[str, str]:

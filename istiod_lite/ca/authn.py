@@ -5,10 +5,11 @@ Two authenticators, one per config source:
 - `NodeTokenAuthenticator` (files source): the token is one istiod_lite minted for a node.
 - `TokenReviewAuthenticator` (kube source): the token is a projected ServiceAccount token
   for audience `istio-ca`, checked with the Kubernetes TokenReview API like istiod does
-  (security/pkg/server/ca/authenticate/kubeauth). Only trusted accounts (ztunnel's) may
-  call; the node is the one the token's pod runs on, taken from the token's
-  `authentication.kubernetes.io/node-name` extra (bound tokens since Kubernetes 1.30), else
-  from the pod the token is bound to, which must still exist with the same UID and account.
+  (security/pkg/server/ca/authenticate/kubeauth). A trusted account (ztunnel's) speaks for
+  the node its pod runs on, taken from the token's `authentication.kubernetes.io/node-name`
+  extra (bound tokens since Kubernetes 1.30), else from the pod the token is bound to, which
+  must still exist with the same UID and account. Any other ServiceAccount (a waypoint, a
+  sidecar) is a workload asking for its own identity only, as in Istio.
 
 Authenticators are synchronous: the CA servicer runs in gRPC's thread pool and a TokenReview
 is one blocking HTTP call there. Refusals raise `CaRequestRefused` subclasses, which carry
@@ -63,10 +64,12 @@ class AuthenticatorUnavailable(CaRequestRefused):
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated caller: the node it speaks for, and who it proved to be (for logs)."""
+    """An authenticated caller: the node it speaks for (a node proxy) or the ServiceAccount it
+    runs as (a workload asking for itself), and who it proved to be (for logs)."""
 
-    node: str
+    node: str | None
     identity: str
+    service_account: tuple[str, str] | None = None  # (namespace, name) when node is None
 
 
 class Authenticator(Protocol):
@@ -89,7 +92,8 @@ class NodeTokenAuthenticator:
 
 
 class TokenReviewAuthenticator:
-    """Accepts ServiceAccount tokens of trusted accounts, reviewed by the Kubernetes API."""
+    """Accepts ServiceAccount tokens reviewed by the Kubernetes API: trusted accounts as node
+    proxies, any other as a workload asking for itself."""
 
     def __init__(
         self,
@@ -129,10 +133,7 @@ class TokenReviewAuthenticator:
             raise PermissionDenied(f"caller {username!r} is not a ServiceAccount")
         account = f"{namespace}/{name}"
         if account not in self._trusted_accounts:
-            raise PermissionDenied(
-                f"ServiceAccount {account} may not request certificates for pods "
-                f"(trusted: {', '.join(sorted(self._trusted_accounts))})"
-            )
+            return Caller(node=None, identity=username, service_account=(namespace, name))
         extra = (user.extra if user is not None else None) or {}
         pod_name = _extra_value(extra, POD_NAME_EXTRA)
         if pod_name is None:

@@ -6,6 +6,13 @@ the same files, so certificates issued before a restart keep verifying. The key 
 created 0600 and refused when group or others can read it: whoever reads it can mint any
 identity in the mesh.
 
+With the kube source the self-signed root lives in the Secret `istio-ca-secret` of istiod's
+namespace instead (Istio's name, type and keys: ca-cert.pem, ca-key.pem, cert-chain.pem,
+root-cert.pem), so every replica and every restart uses the same root. The first istiod to
+find no Secret creates it; one that loses that race (409) loads the winner's. The root
+certificate (never the key) is published in the ConfigMap `istio-ca-root-cert` of that
+namespace, which ztunnel mounts to verify istiod's TLS certificate, as in Istio.
+
 Plug-in (Istio's `cacerts`): the operator's signing cert, key and chain to their root
 (`--ca-cert/--ca-key/--ca-chain`). Their permissions are left to the operator, because a
 Kubernetes Secret volume mounts files 0644 by default and is protected by its directory.
@@ -16,7 +23,10 @@ Kubernetes Secret volume mounts files 0644 by default and is protected by its di
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import json
 import os
 import stat
 from collections.abc import Sequence
@@ -24,17 +34,28 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import kubernetes.client
+import urllib3
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from kubernetes.client.exceptions import ApiException
+
+from istiod_lite.kube.api import describe_api_error
 from meshcore.identity.ca import CLOCK_SKEW_ALLOWANCE, CertificateAuthority
 from meshcore.identity.certs import CertificateError, is_issued_by, is_self_signed
 from meshcore.log import get_logger
 
 CA_CERT_FILE = "ca-cert.pem"
 CA_KEY_FILE = "ca-key.pem"
+CERT_CHAIN_FILE = "cert-chain.pem"
+ROOT_CERT_FILE = "root-cert.pem"
+CA_SECRET_NAME = "istio-ca-secret"
+CA_SECRET_TYPE = "istio.io/ca-root"
+ROOT_CERT_CONFIGMAP = "istio-ca-root-cert"
+_API_TIMEOUT = (10, 30)  # connect, read seconds
 KEY_FILE_MODE = 0o600
 # The serving certificate is issued once per start and not rotated while the gRPC server
 # runs, so it must outlive any realistic uptime; the CA's own expiry still caps it.
@@ -65,6 +86,92 @@ def load_or_create_root(
             "root (every proxy then needs the new root)"
         )
     return _create(root_dir, cert_path, key_path, trust_domain)
+
+
+def load_or_create_root_secret(
+    api_client: kubernetes.client.ApiClient, namespace: str, trust_domain: str = "cluster.local"
+) -> CertificateAuthority:
+    """The self-signed root in Secret `istio-ca-secret` of `namespace`, created there if absent.
+
+    Raises RootError naming the Secret when it cannot be read, created or used.
+    """
+    core = kubernetes.client.CoreV1Api(api_client)
+    where = f"Secret {namespace}/{CA_SECRET_NAME}"
+    secret = _read_secret(core, namespace, where)
+    if secret is not None:
+        ca = _ca_from_secret(secret, where, trust_domain)
+        _log.info("loaded CA root", secret=where, expires=_expiry(ca).isoformat())
+        return ca
+    ca = CertificateAuthority.generate(trust_domain)
+    body = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": CA_SECRET_NAME, "namespace": namespace},
+        "type": CA_SECRET_TYPE,
+        "data": {
+            key: base64.b64encode(value).decode()
+            for key, value in (
+                (CA_CERT_FILE, ca.cert_pem),
+                (CA_KEY_FILE, ca.key_pem),
+                (CERT_CHAIN_FILE, b""),  # self-signed: nothing between the root and leaves
+                (ROOT_CERT_FILE, ca.cert_pem),
+            )
+        },
+    }
+    try:
+        core.create_namespaced_secret(namespace, body, _request_timeout=_API_TIMEOUT)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise RootError(f"cannot create {where}: {describe_api_error(exc)}") from None
+        # Another replica created it between our read and our create: use theirs.
+        secret = _read_secret(core, namespace, where)
+        if secret is None:
+            raise RootError(f"{where} was created and deleted again while istiod started; restart it") from None
+        ca = _ca_from_secret(secret, where, trust_domain)
+        _log.info("loaded CA root another istiod created", secret=where)
+        return ca
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise RootError(f"cannot create {where}: {type(exc).__name__}: {exc}") from None
+    _log.info("generated CA root", secret=where, trust_domain=trust_domain)
+    return ca
+
+
+def publish_root_cert(api_client: kubernetes.client.ApiClient, namespace: str, root_pem: bytes) -> None:
+    """Create or update ConfigMap `istio-ca-root-cert` (key root-cert.pem) in `namespace`.
+
+    Raises RootError naming the ConfigMap and what the API server said.
+    """
+    core = kubernetes.client.CoreV1Api(api_client)
+    where = f"ConfigMap {namespace}/{ROOT_CERT_CONFIGMAP}"
+    body = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": ROOT_CERT_CONFIGMAP, "namespace": namespace},
+        "data": {ROOT_CERT_FILE: root_pem.decode()},
+    }
+    try:
+        try:
+            response = core.read_namespaced_config_map(
+                ROOT_CERT_CONFIGMAP, namespace, _preload_content=False, _request_timeout=_API_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            core.create_namespaced_config_map(namespace, body, _request_timeout=_API_TIMEOUT)
+            _log.info("published the CA root", configmap=where)
+            return
+        current = json.loads(response.data)
+        response.release_conn()
+        if (current.get("data") or {}).get(ROOT_CERT_FILE) == body["data"][ROOT_CERT_FILE]:
+            return
+        # Replace with the version read: a concurrent writer makes this fail (409), not vanish.
+        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        core.replace_namespaced_config_map(ROOT_CERT_CONFIGMAP, namespace, body, _request_timeout=_API_TIMEOUT)
+        _log.info("published the CA root", configmap=where, replaced=True)
+    except ApiException as exc:
+        raise RootError(f"cannot publish the CA root in {where}: {describe_api_error(exc)}") from None
+    except (urllib3.exceptions.HTTPError, OSError, ValueError, KeyError) as exc:
+        raise RootError(f"cannot publish the CA root in {where}: {type(exc).__name__}: {exc}") from None
 
 
 def load_plugin_ca(
@@ -215,6 +322,47 @@ def _create(
     return ca
 
 
+def _read_secret(core: kubernetes.client.CoreV1Api, namespace: str, where: str) -> dict | None:
+    """The Secret as the API server's JSON, or None if it does not exist."""
+    try:
+        response = core.read_namespaced_secret(
+            CA_SECRET_NAME, namespace, _preload_content=False, _request_timeout=_API_TIMEOUT
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise RootError(f"cannot read {where}: {describe_api_error(exc)}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise RootError(f"cannot read {where}: {type(exc).__name__}: {exc}") from None
+    try:
+        return json.loads(response.data)
+    except ValueError as exc:
+        raise RootError(f"cannot read {where}: the API server sent no JSON: {exc}") from None
+    finally:
+        response.release_conn()
+
+
+def _ca_from_secret(secret: dict, where: str, trust_domain: str) -> CertificateAuthority:
+    data = secret.get("data") or {}
+    pems = {}
+    for key in (CA_CERT_FILE, CA_KEY_FILE):
+        try:
+            pems[key] = base64.b64decode(data[key], validate=True)
+        except KeyError:
+            raise RootError(
+                f"{where} has no {key}: restore it, or delete the Secret to generate a new root "
+                "(every proxy then needs the new root)"
+            ) from None
+        except (binascii.Error, TypeError):
+            raise RootError(f"{where}: {key} is not base64") from None
+    try:
+        ca = CertificateAuthority.load(pems[CA_CERT_FILE], pems[CA_KEY_FILE], trust_domain=trust_domain)
+    except CertificateError as exc:
+        raise RootError(f"{where} holds an unusable CA root: {exc}") from None
+    _check_not_expired(ca, where)
+    return ca
+
+
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Write via a temporary file, created with `mode` so the key is never readable by others."""
     temporary = path.with_name(path.name + ".tmp")
@@ -247,10 +395,10 @@ def _expiry(ca: CertificateAuthority) -> datetime:
     return x509.load_pem_x509_certificate(ca.cert_pem).not_valid_after_utc
 
 
-def _check_not_expired(ca: CertificateAuthority, cert_path: Path) -> None:
+def _check_not_expired(ca: CertificateAuthority, where: Path | str) -> None:
     expiry = _expiry(ca)
     if expiry <= datetime.now(UTC):
         raise RootError(
-            f"CA certificate {cert_path} expired at {expiry.isoformat()}: replace it (every "
+            f"CA certificate {where} expired at {expiry.isoformat()}: replace it (every "
             "proxy then needs the new root)"
         )

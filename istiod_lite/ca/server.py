@@ -3,9 +3,11 @@
 Each request is decided in this order (Istio's security/pkg/server/ca/server.go, node
 authorization from node_auth.go):
 
-1. authenticate the `authorization: Bearer <token>` metadata -> the caller's node;
+1. authenticate the `authorization: Bearer <token>` metadata -> the caller's node (a node
+   proxy) or its ServiceAccount (a workload, e.g. a waypoint, asking for itself);
 2. the requested identity is the request metadata's `ImpersonatedIdentity`, in this CA's
-   trust domain, and some pod on the caller's node runs as it (`identities_on_node`);
+   trust domain, and some pod on the caller's node runs as it (`identities_on_node`), or it
+   is the calling workload's own identity;
 3. the validity is the requested one (0 = default) up to `max_ttl`;
 4. the CSR parses and names no identity but the requested one (the proto requires the
    server to check every SAN the caller asks for); its key is all the leaf takes from it.
@@ -110,7 +112,15 @@ class CaService(ca_pb2_grpc.IstioCertificateServiceServicer):
     ) -> tuple[Caller, Identity, timedelta]:
         caller = self._authenticator.authenticate(_bearer_token(metadata or ()))
         identity = self._requested_identity(request)
-        if identity not in self._identities_on_node(caller.node):
+        if caller.node is None:
+            assert caller.service_account is not None
+            own = Identity(self._ca.trust_domain, *caller.service_account)
+            if identity != own:
+                raise PermissionDenied(
+                    f"caller {caller.identity} may only obtain a certificate for its own "
+                    f"identity {own}, not {identity}"
+                )
+        elif identity not in self._identities_on_node(caller.node):
             raise PermissionDenied(
                 f"caller {caller.identity} may not obtain a certificate for {identity}: "
                 f"no pod with that identity runs on its node {caller.node!r}"

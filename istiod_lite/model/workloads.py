@@ -8,8 +8,9 @@ namespace's enrolment label, the services selecting it, the policies attached to
 Rules (Istio pilot/pkg/serviceregistry/ambient/workloads.go, pkg/kube/labels):
 - a pod has a workload once it has an IP, until it terminates (deletionTimestamp) or reaches
   a terminal phase (Succeeded/Failed: its IP may already belong to another pod);
-- enrolled (HBONE) if its namespace or the pod says `istio.io/dataplane-mode=ambient`, the pod
-  does not say `none`, it has no sidecar (`sidecar.istio.io/status`) and is not hostNetwork;
+- enrolled (HBONE) when the node agent says so (`ambient.istio.io/redirection`), else by the
+  node agents' own label rule (meshcore/enrolment.py: the pod's `istio.io/dataplane-mode`
+  beats its namespace's), and never with a sidecar (`sidecar.istio.io/status`) or hostNetwork;
 - HEALTHY only when Running and Ready;
 - workload name/type come from the controlling owner: ReplicaSet `<deploy>-<hash>` is the
   Deployment `<deploy>`, a Job `<cronjob>-<schedule time>` its CronJob, a bare pod itself.
@@ -32,12 +33,10 @@ from istiod_lite.model.fields import (
     string,
     string_map,
 )
+from meshcore.enrolment import DATAPLANE_MODE_LABEL, is_captured
 from meshcore._gen import workload_pb2
 from meshcore.identity.spiffe import Identity, InvalidIdentity
 
-DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
-DATAPLANE_MODE_AMBIENT = "ambient"
-DATAPLANE_MODE_NONE = "none"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
 # Set by the node agent once the pod's traffic is really captured (Istio's CNI does the same).
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
@@ -264,10 +263,7 @@ def is_enrolled(pod: Pod, namespace_dataplane_mode: str) -> bool:
         # A node agent reports capture: peers switch to HBONE only once the pod's ztunnel
         # really listens (and back before it stops), so no connection falls in between.
         return pod.redirection == "enabled"
-    mode = pod.labels.get(DATAPLANE_MODE_LABEL, "")
-    if mode == DATAPLANE_MODE_NONE:
-        return False
-    return DATAPLANE_MODE_AMBIENT in (mode, namespace_dataplane_mode)
+    return is_captured(pod.labels, {DATAPLANE_MODE_LABEL: namespace_dataplane_mode})
 
 
 def canonical_service(labels: Mapping[str, str], workload_name: str) -> tuple[str, str]:

@@ -48,6 +48,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from istiod_lite.kube.api import describe_api_error
 from istiod_lite.sources.base import (
     KINDS,
     Action,
@@ -142,7 +143,7 @@ class KubeSource:
         listed = {kind: trio.Event() for kind in KINDS}
         async with trio.open_nursery() as nursery:
             for kind, info in KINDS.items():
-                reflector = _Reflector(
+                reflector = Reflector(
                     kind,
                     info,
                     self._listers[kind],
@@ -165,8 +166,9 @@ class KubeSource:
         )
 
 
-class _Reflector:
-    """List + watch of one kind; see the module docstring."""
+class Reflector:
+    """List + watch of one kind; see the module docstring. Also used for kinds that are not
+    configuration (the waypoint controller's Deployments), with a channel of their own."""
 
     def __init__(
         self,
@@ -203,11 +205,11 @@ class _Reflector:
                 self._relist(str(exc))
             except ApiException as exc:
                 if exc.status == _GONE:
-                    self._relist(_describe_api_error(exc))
+                    self._relist(describe_api_error(exc))
                 elif exc.status == _NOT_FOUND and self._info.group:
                     await self._not_installed()
                 else:
-                    self._failed(_describe_api_error(exc))
+                    self._failed(describe_api_error(exc))
             except (_ApiError, *_TRANSPORT_ERRORS) as exc:
                 self._failed(f"{type(exc).__name__}: {exc}")
             # After a 410 too, as client-go does: a server that keeps expiring watches must
@@ -361,15 +363,3 @@ def _abort(response: urllib3.BaseHTTPResponse) -> None:
         except OSError:
             pass  # already closed by the peer
     response.close()
-
-
-def _describe_api_error(exc: ApiException) -> str:
-    """Status plus the message of the API server's Status body, e.g. an RBAC refusal."""
-    message = exc.reason or ""
-    try:
-        status = json.loads(exc.body or b"")
-    except ValueError:
-        status = None
-    if isinstance(status, dict) and status.get("message"):
-        message = status["message"]
-    return f"{exc.status} {message}".strip()

@@ -37,6 +37,7 @@ async def test_pods_services_and_policies_reach_a_connected_ztunnel(kube_apiserv
     address = f"127.{random.randint(20, 250)}.{random.randint(0, 255)}.5"
     istiod = IstiodLite(IstiodConfig(
         source="kube", kubeconfig=kube_apiserver.kubeconfig, root_dir=tmp_path / "istiod",
+        root_namespace=ns,  # istiod's namespace too: its CA Secret goes there
         listen_address=address, ports=Ports(xds_plaintext=15010, xds_tls=0, monitoring=0),
     ))
     await nursery.start(istiod.run)
@@ -85,8 +86,9 @@ async def test_pods_services_and_policies_reach_a_connected_ztunnel(kube_apiserv
         "metadata": {"name": "deny-others"},
         "spec": {"action": "DENY", "rules": [{"from": [{"source": {"notNamespaces": [ns]}}]}]},
     })
-    await wait_for(lambda: store.current.policies)
-    [policy] = store.current.policies
+    # Only this namespace's: other tests share the API server and may leave policies behind.
+    await wait_for(lambda: [p for p in store.current.policies if p.namespace == ns])
+    [policy] = [p for p in store.current.policies if p.namespace == ns]
     assert (policy.name, policy.namespace, policy.action) == ("deny-others", ns, PolicyAction.DENY)
 
     # The pod goes away: the ztunnel loses the workload.

@@ -16,6 +16,8 @@ from meshcore import log
 from meshcore.admin import (
     Readiness,
     Response,
+    StreamingBody,
+    StreamingResponse,
     admin_routes,
     metrics_routes,
     readiness_routes,
@@ -241,3 +243,46 @@ async def test_port_in_use_error_names_the_address():
     async with serving({}) as port:
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
             await serve_http(("127.0.0.1", port), {})
+
+
+# --- Streaming ---
+
+
+class _Chunks(StreamingBody):
+    """Yields `chunks`, then raises `error` (if any) or ends; remembers being closed."""
+
+    def __init__(self, chunks, error=None):
+        self._chunks = list(chunks)
+        self._error = error
+        self.closed = False
+
+    async def __anext__(self):
+        await trio.lowlevel.checkpoint()
+        if self._chunks:
+            return self._chunks.pop(0)
+        if self._error is not None:
+            raise self._error
+        raise StopAsyncIteration
+
+    async def aclose(self):
+        self.closed = True
+
+
+async def test_streaming_responses_are_chunked_and_a_failing_one_does_not_stop_the_server():
+    bodies = []
+
+    async def stream(request):
+        bodies.append(_Chunks([b"one\n", b"two\n"], RuntimeError("boom") if "fail" in request.query else None))
+        return StreamingResponse(200, bodies[-1], "application/x-ndjson")
+
+    async def fine(request):
+        return Response(200, b"still serving\n")
+
+    async with serving({"/stream": stream, "/fine": fine}) as port:
+        whole = await raw_exchange(port, b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+        broken = await raw_exchange(port, b"GET /stream?fail=1 HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert await fetch_one(port, "/fine") == (200, "text/plain", "still serving\n")
+    assert b"transfer-encoding: chunked" in whole.lower()
+    assert whole.endswith(b"4\r\none\n\r\n4\r\ntwo\n\r\n0\r\n\r\n")  # ends with the last chunk
+    assert b"4\r\ntwo\n\r\n" in broken and not broken.endswith(b"0\r\n\r\n")  # cut short, not ended
+    assert all(body.closed for body in bodies)

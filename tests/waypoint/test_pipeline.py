@@ -44,7 +44,7 @@ from waypoint.config.model import (
 from waypoint.feeds import ServiceInfo, ServicePort, StaticFeed, WaypointSnapshot, WaypointStore
 from waypoint.messages import BufferedBody, Request, Response
 from waypoint.metrics import WaypointMetrics
-from waypoint.pipeline import Downstream, Pipeline, next_traceparent
+from waypoint.pipeline import Downstream, Pipeline
 from waypoint.settings import HttpLimits
 from waypoint.upstream import UpstreamConnectFailed
 
@@ -130,15 +130,15 @@ def action(**kwargs) -> RouteAction:
     return RouteAction(backends=(WeightedBackend("c"),), **{"timeout": None, **kwargs})
 
 
-async def test_traceparent_continues_the_clients_trace_with_a_new_span():
+async def test_without_span_export_the_clients_trace_context_goes_upstream_unchanged():
+    # Tracing with export is tested in test_tracing.py and test_tracing_otlp.py.
     pipeline, upstreams, _ = make_pipeline(action())
     incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    await call(pipeline, headers=[("traceparent", incoming)])
-    sent = dict(upstreams.calls[0][1].headers)["traceparent"]
-    assert sent.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-") and sent.endswith("-01")
-    assert sent != incoming
-    header, trace_id = next_traceparent("garbage")
-    assert len(header) == 55 and header.split("-")[1] == trace_id
+    await call(pipeline, headers=[("traceparent", incoming), ("tracestate", "vendor=abc")])
+    sent = dict(upstreams.calls[0][1].headers)
+    assert (sent["traceparent"], sent["tracestate"]) == (incoming, "vendor=abc")
+    await call(pipeline, headers=[("traceparent", "garbage")])
+    assert len(dict(upstreams.calls[1][1].headers)["traceparent"]) == 55
 
 
 async def test_retry_moves_on_after_a_connect_failure_and_resends_the_body():

@@ -88,6 +88,10 @@ class AuthorizationRevoked(ProxyError):
     response_flag = "DENY"
     hint = "a policy update re-evaluated open connections; see the destination's policies"
 
+    def __init__(self, policy: str | None) -> None:
+        super().__init__(f"closed: no longer allowed by policy {policy or '-'}")
+        self.policy = policy  # "ns/name" of the DENY policy that matched; None if no ALLOW did
+
 
 class UpstreamConnectFailed(ProxyError):
     """The TCP connection to the next hop (app, peer ztunnel or waypoint) failed."""

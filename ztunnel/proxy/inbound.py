@@ -54,16 +54,7 @@ class InboundHbone:
         self._in = inputs
 
     async def serve_listener(self, listener: socket.socket, connections: trio.Nursery) -> None:
-        while True:
-            try:
-                sock, _ = await netio.accept(listener)
-            except OSError as exc:
-                if exc.errno not in netio.ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                _log.error("accept failed, backing off", error=str(exc))
-                await trio.sleep(0.1)
-                continue
-            connections.start_soon(self._serve_connection, sock)
+        await netio.serve_listener(listener, connections, self._serve_connection)
 
     async def _serve_connection(self, sock: socket.socket) -> None:
         inputs = self._in
@@ -162,6 +153,7 @@ class InboundHbone:
             inputs.metrics.connection(info).failed(UpstreamConnectFailed(f"client went away: {exc}"))
             return
         recorder = inputs.metrics.connection(info)
+        recorder.allowed_by(decision.policy)
         recorder.opened()
         error: BaseException | None = None
         with trio.CancelScope() as scope:
@@ -174,7 +166,7 @@ class InboundHbone:
                 netio.close(upstream)
         closed_by = inputs.connections.unregister(key)
         if closed_by is not None:
-            error = AuthorizationRevoked(f"closed: no longer allowed by policy {closed_by}")
+            error = AuthorizationRevoked(None if closed_by == "-" else closed_by)
             await tunnel.aclose()
         recorder.closed(sent=tunnel.bytes_sent, received=tunnel.bytes_received, error=error)
 
@@ -186,9 +178,7 @@ class InboundPlaintext:
         self._in = inputs
 
     async def serve_listener(self, listener: socket.socket, connections: trio.Nursery) -> None:
-        while True:
-            sock, _ = await netio.accept(listener)
-            connections.start_soon(self._serve_connection, sock)
+        await netio.serve_listener(listener, connections, self._serve_connection)
 
     async def _serve_connection(self, sock: socket.socket) -> None:
         inputs = self._in
@@ -220,6 +210,7 @@ class InboundPlaintext:
             decision = authorize(state.policies_for(workload), attributes)
             if not decision.allowed:
                 raise PolicyDenied(decision)
+            recorder.allowed_by(decision.policy)
             upstream = await _connect_app(inputs, (dst_ip_text, dst_port), peer[0])
         except ProxyError as error:
             recorder.failed(error)
@@ -238,7 +229,7 @@ class InboundPlaintext:
             netio.close(sock)
         closed_by = inputs.connections.unregister(key)
         if closed_by is not None:
-            error = AuthorizationRevoked(f"closed: no longer allowed by policy {closed_by}")
+            error = AuthorizationRevoked(None if closed_by == "-" else closed_by)
         recorder.closed(sent=counts[1], received=counts[0], error=error)
 
 

@@ -52,9 +52,7 @@ class Outbound:
 
     async def serve_listener(self, listener: socket.socket, connections: trio.Nursery) -> None:
         """Transparent capture: the target is the pre-REDIRECT destination."""
-        while True:
-            sock, _ = await netio.accept(listener)
-            connections.start_soon(self._serve_captured, sock)
+        await netio.serve_listener(listener, connections, self._serve_captured)
 
     async def _serve_captured(self, sock: socket.socket) -> None:
         try:

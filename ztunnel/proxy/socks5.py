@@ -83,9 +83,7 @@ class Socks5:
         self._outbound = outbound
 
     async def serve_listener(self, listener: socket.socket, connections: trio.Nursery) -> None:
-        while True:
-            sock, _ = await netio.accept(listener)
-            connections.start_soon(self._serve_connection, sock)
+        await netio.serve_listener(listener, connections, self._serve_connection)
 
     async def _serve_connection(self, sock: socket.socket) -> None:
         try:
