@@ -5,16 +5,18 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
-debs=(wrk nginx-light iperf3 nghttp2-client tcpdump nftables iproute2 curl etcd-server kubernetes-client prometheus chromium)
+debs=(wrk nginx-light iperf3 nghttp2-client tcpdump nftables iproute2 curl etcd-server prometheus chromium)
 missing=()
 for pkg in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done
+# kubectl: any package's will do (another repository's `kubectl` package owns the same path).
+command -v kubectl >/dev/null || missing+=(kubernetes-client)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
     echo "setup: missing Debian packages (${missing[*]}); run as root to install them, tests that need them will skip" >&2
   fi
