@@ -27,11 +27,18 @@ import h11
 import prometheus_client
 import trio
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Status
-from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
+from meshcore._gen.otlp_trace_pb2 import (
+    AnyValue,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+    InstrumentationScope,
+    KeyValue,
+    Resource,
+    ResourceSpans,
+    ScopeSpans,
+    Status,
+)
+from meshcore._gen.otlp_trace_pb2 import Span as SpanProto
 
 from meshcore.log import get_logger
 from waypoint.http1 import Http1ClientConnection

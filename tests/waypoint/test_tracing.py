@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
-from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
+from meshcore._gen import otlp_trace_pb2 as otlp
+from meshcore._gen.otlp_trace_pb2 import ExportTraceServiceRequest, Status
+from meshcore._gen.otlp_trace_pb2 import Span as SpanProto
 from meshcore.config import ConfigError
 from waypoint.metrics import PeerLabels, RequestRecord
 from waypoint.otlp import export_request
@@ -278,3 +278,27 @@ def test_the_standard_env_var_is_the_fallback_and_the_file_wins():
 def test_bad_tracing_settings_name_the_field(tracing, field):
     with pytest.raises(ConfigError, match=f"wp.yaml: {field}: "):
         settings(tracing)
+
+
+# The same request encoded by upstream's opentelemetry-proto (v1.45): our own copy of the
+# messages must put exactly these bytes on the wire for a collector to read them.
+UPSTREAM_ENCODING = bytes.fromhex(
+    "0ab1010a210a1f0a0c736572766963652e6e616d65120f0a0d776179706f696e742e64656d6f128b010a0a0a08776179"
+    "706f696e74127d0a10000102030405060708090a0b0c0d0e0f120800010203040506071a036b3d76220808090a0b0c0d"
+    "0e0f2a0d7765622e64656d6f3a38302f2a30023900002a36fe9c97174140423936fe9c97174a190a10687474702e7374"
+    "617475735f636f646512050a033530337a0c1208757073747265616d1802850101030000"
+)
+
+
+def test_export_requests_are_byte_for_byte_what_upstream_otlp_encodes():
+    request = otlp.ExportTraceServiceRequest(resource_spans=[otlp.ResourceSpans(
+        resource=otlp.Resource(attributes=[otlp.KeyValue(key="service.name", value=otlp.AnyValue(string_value="waypoint.demo"))]),
+        scope_spans=[otlp.ScopeSpans(scope=otlp.InstrumentationScope(name="waypoint"), spans=[otlp.Span(
+            trace_id=bytes(range(16)), span_id=bytes(range(8)), trace_state="k=v", parent_span_id=bytes(range(8, 16)),
+            flags=0x301, name="web.demo:80/*", kind=otlp.Span.SPAN_KIND_SERVER,
+            start_time_unix_nano=1700000000000000000, end_time_unix_nano=1700000000001000000,
+            attributes=[otlp.KeyValue(key="http.status_code", value=otlp.AnyValue(string_value="503"))],
+            status=otlp.Status(code=otlp.Status.STATUS_CODE_ERROR, message="upstream"),
+        )])],
+    )])
+    assert request.SerializeToString() == UPSTREAM_ENCODING

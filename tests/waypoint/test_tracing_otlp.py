@@ -26,8 +26,8 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import any_pb2
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
-from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
+from meshcore._gen.otlp_trace_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
+from meshcore._gen.otlp_trace_pb2 import Span as SpanProto
 
 from meshcore import netio
 from meshcore._gen import workload_pb2
