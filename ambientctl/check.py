@@ -131,9 +131,18 @@ def crd_result(crds: Mapping[str, Mapping[str, Any]], required: Sequence[str]) -
     """`crds`: the cluster's CustomResourceDefinitions by name."""
     name = "the mesh's CRDs are installed and Established"
     missing = [crd for crd in required if crd not in crds]
-    pending = [crd for crd in required if crd in crds and not _condition_true(crds[crd], "Established")]
-    if missing or pending:
-        problems = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"not Established {', '.join(pending)}"] if pending else [])
+    # A CRD being deleted still answers, Established, until its objects are gone.
+    deleting = [crd for crd in required if crd in crds and (crds[crd].get("metadata") or {}).get("deletionTimestamp")]
+    pending = [
+        crd for crd in required
+        if crd in crds and crd not in deleting and not _condition_true(crds[crd], "Established")
+    ]
+    if missing or deleting or pending:
+        problems = (
+            ([f"missing {', '.join(missing)}"] if missing else [])
+            + ([f"being deleted {', '.join(deleting)}"] if deleting else [])
+            + ([f"not Established {', '.join(pending)}"] if pending else [])
+        )
         return failed(name, f"{'; '.join(problems)}; {INSTALL_HINT}")
     return passed(name, f"{len(required)} CRDs")
 

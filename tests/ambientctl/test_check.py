@@ -61,9 +61,11 @@ def test_crds_missing_or_not_established_are_named():
     assert crd_result(crds, REQUIRED_CRDS).ok
     del crds["httproutes.gateway.networking.k8s.io"]
     crds["waypoints.istiodlite.io"] = {"status": {"conditions": [{"type": "Established", "status": "False"}]}}
+    crds["gateways.gateway.networking.k8s.io"] = {"metadata": {"deletionTimestamp": "2026-11-26T10:00:00Z"}, **established}
     result = crd_result(crds, REQUIRED_CRDS)
     assert not result.ok
     assert "missing httproutes.gateway.networking.k8s.io" in result.detail
+    assert "being deleted gateways.gateway.networking.k8s.io" in result.detail
     assert "not Established waypoints.istiodlite.io" in result.detail
 
 
