@@ -19,6 +19,7 @@ upstream, refused by policy or failed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import prometheus_client
 
@@ -94,13 +95,29 @@ class WaypointMetrics:
         self.request_bytes = histogram("istio_request_bytes", "HTTP request body sizes")
         self.response_bytes = histogram("istio_response_bytes", "HTTP response body sizes")
         register_build_info(registry, "proxy")  # what an Envoy waypoint reports
+        self._children: dict[tuple[object, ...], tuple[Any, Any, Any, Any]] = {}
 
     def record(self, record: RequestRecord) -> None:
-        labels = request_labels(record)
-        self.requests.labels(**labels).inc()
-        self.duration.labels(**labels).observe(record.duration_ms)
-        self.request_bytes.labels(**labels).observe(record.request_bytes)
-        self.response_bytes.labels(**labels).observe(record.response_bytes)
+        # Building 30 labels and looking up each family's child cost more than the request's
+        # routing; the children of one label set are found again by the fields they come from.
+        key = (
+            record.service_host, record.service_name, record.service_namespace, record.protocol,
+            record.response_flags, record.response_code, record.grpc_status, record.source, record.destination,
+        )
+        children = self._children.get(key)
+        if children is None:
+            labels = request_labels(record)
+            children = self._children[key] = (
+                self.requests.labels(**labels),
+                self.duration.labels(**labels),
+                self.request_bytes.labels(**labels),
+                self.response_bytes.labels(**labels),
+            )
+        requests, duration, request_bytes, response_bytes = children
+        requests.inc()
+        duration.observe(record.duration_ms)
+        request_bytes.observe(record.request_bytes)
+        response_bytes.observe(record.response_bytes)
         _log_access(record)
 
 
