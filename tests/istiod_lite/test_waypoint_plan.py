@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import yaml
 
 from istiod_lite.config import parse_args
 from istiod_lite.kube.waypoints import (

@@ -31,7 +31,6 @@ from ztunnel.inpod.kube import (
     pod_view,
     pods_to_capture,
 )
-from ztunnel.inpod.netns import in_netns
 from ztunnel.inpod.protocol import WorkloadInfo
 from ztunnel.inpod.redirect import TABLE
 
