@@ -170,6 +170,12 @@ class TunnelConnection:
         except (OSError, TlsError, sansio.HboneProtocolError, trio.ClosedResourceError) as exc:
             if self.failure is None:
                 self.failure = exc
+        except Exception as exc:
+            # A bug in one connection's handling ends that connection, not the proxy with
+            # every other tunnel it carries; the traceback goes to the log.
+            _log.exception("HBONE connection task failed; closing the connection", peer=str(self.peer_address))
+            if self.failure is None:
+                self.failure = exc
         finally:
             io_scope.cancel()
 

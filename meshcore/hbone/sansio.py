@@ -319,6 +319,10 @@ class HboneConnection:
         return True
 
     def ping(self, opaque: bytes) -> None:
+        """Send a keepalive PING; nothing once a GOAWAY went either way (h2 forbids it then, and
+        a connection that is only draining needs no keepalive)."""
+        if self._terminated or self._h2.state_machine.state is h2.connection.ConnectionState.CLOSED:
+            return
         self._h2.ping(opaque)
         self._pull_h2()
 

@@ -192,3 +192,16 @@ def test_peer_reset_and_goaway_are_reported():
 def test_stream_limit_follows_peer_settings():
     client, server = pair()
     assert client.max_streams == 100  # min(pool cap 100, server's 200)
+
+
+def test_keepalive_pings_stop_quietly_once_a_goaway_went_either_way():
+    client, server = pair()
+    client.ping(b"12345678")  # a live connection pings
+    assert [type(f) for f in frames(client.data_to_send())] == [hf.PingFrame]
+    # Draining (our GOAWAY sent) or told to go (theirs received): a keepalive tick must not
+    # fail, or the proxy's whole connection pool goes down with it.
+    server.close()
+    exchange(client, server)
+    client.ping(b"12345678")
+    server.ping(b"12345678")
+    assert client.data_to_send() == b"" and server.data_to_send() == b""
