@@ -505,12 +505,6 @@ class TestTwoNamespaces:
 class TestCaptureSwitchUnderLoad:
     """In a mesh of its own: when it fails, a ztunnel may be left dead."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a request in flight while a pod's capture switches can still time out (1 of ~1000 back-to-back "
-        "requests over two label/unlabel cycles): a connection accepted by the pod's listener just before "
-        "release is cut when the listener's scope is cancelled",
-    )
     def test_back_to_back_requests_never_fail_while_the_namespace_is_labelled_and_unlabelled(self, mesh: Mesh, tmp_path: Path):
         loop = ClientLoop(pod_netns("plain", "client"), mesh.vip("plain", "server"), SERVICE_PORT, tmp_path / "loop.out", pause=0)
         try:

@@ -26,7 +26,7 @@ from ztunnel.inpod.agent import EnrolledPod, EnrollError, NodeAgent
 from ztunnel.inpod.client import ZdsClient
 from ztunnel.inpod.netns import NetnsError, connect_socket_in_netns, in_netns, listen_in_netns, open_netns
 from ztunnel.inpod.protocol import WorkloadInfo
-from ztunnel.inpod.redirect import TABLE, install_redirect, remove_redirect
+from ztunnel.inpod.redirect import REPLY_TABLE, TABLE, install_redirect, remove_redirect
 
 
 def _why_no_netns() -> str | None:
@@ -132,6 +132,15 @@ def nothing_pending(listener: socket.socket) -> bool:
     except BlockingIOError:
         return True
     return False
+
+
+def tables(namespace: Netns) -> set[str]:
+    """The names of the nft tables in the namespace."""
+    return {line.split()[-1] for line in in_netns(namespace.fd, _nft_tables).splitlines() if line.startswith("table ")}
+
+
+def ruleset(namespace: Netns) -> str:
+    return in_netns(namespace.fd, lambda: subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout)
 
 
 def capture_state(namespace: Netns) -> str:
@@ -314,9 +323,12 @@ def socket_path() -> Iterator[Path]:
     shutil.rmtree(folder)
 
 
+REPLY_PATH_GRACE = 0.3
+
+
 @pytest.fixture
 async def agent(socket_path: Path, nursery) -> Iterator[NodeAgent]:
-    node_agent = NodeAgent(socket_path)
+    node_agent = NodeAgent(socket_path, reply_path_grace=REPLY_PATH_GRACE)
     await nursery.start(node_agent.run)
     yield node_agent
     node_agent.close()
@@ -365,9 +377,14 @@ async def test_agent_replays_its_pods_to_every_reconnecting_ztunnel(agent: NodeA
 
     assert await agent.release("uid-1") is True
     assert second.calls[-1] == ("delete", "uid-1")
-    assert TABLE not in capture_state(first_pod)  # rules removed (before the Del)
-    assert TABLE in capture_state(second_pod)
+    # The redirects are gone before the Del; what connections already redirected (or opened
+    # by ztunnel to the app) need stays a moment longer, then nothing is left.
+    assert "redirect" not in ruleset(first_pod) and tables(first_pod) == {TABLE, REPLY_TABLE}
+    assert "redirect" in ruleset(second_pod)
     assert agent.statistics().enrolled_pods == 1
+    await trio.sleep(REPLY_PATH_GRACE + 0.5)
+    assert tables(first_pod) == set() and "lookup 100" not in capture_state(first_pod)
+    assert "redirect" in ruleset(second_pod)
 
 
 async def test_a_nack_is_reported_and_the_agent_carries_on(agent: NodeAgent, make_netns, nursery):

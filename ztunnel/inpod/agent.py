@@ -53,11 +53,14 @@ from ztunnel.inpod.protocol import (
     receive_packet,
     send_packet,
 )
-from ztunnel.inpod.redirect import RedirectError, install_redirect, remove_redirect
+from ztunnel.inpod.redirect import RedirectError, install_redirect, remove_redirect, stop_redirect
 
 _log = get_logger("inpod.agent")
 
 DEFAULT_SOCKET_PATH = Path("/var/run/ztunnel/ztunnel.sock")
+# After a release, how long the reply path stays for connections ztunnel had opened to the
+# app (ztunnel's own drain time, by default).
+REPLY_PATH_GRACE_SECONDS = 5.0
 # Istio's readWriteDeadline: for the hello, and for each request plus its ack.
 REQUEST_DEADLINE = 5.0
 # How often an idle connection is checked for a ztunnel that went away (Istio: 5 s).
@@ -160,11 +163,15 @@ class _ZtunnelConnection:
 class NodeAgent:
     """Serves ZDS on `socket_path` and captures/releases pods for the runtime."""
 
-    def __init__(self, socket_path: Path = DEFAULT_SOCKET_PATH) -> None:
+    def __init__(self, socket_path: Path = DEFAULT_SOCKET_PATH, *, reply_path_grace: float = REPLY_PATH_GRACE_SECONDS) -> None:
+        """`reply_path_grace`: how long a released pod keeps the reply path of the connections
+        ztunnel had opened to its app (see ztunnel/inpod/redirect.py)."""
         self.socket_path = Path(socket_path)
+        self._reply_path_grace = reply_path_grace
         self._pods: dict[str, _Enrolment] = {}
         self._connections: list[_ZtunnelConnection] = []
         self._conn_ids = itertools.count(1)
+        self._nursery: trio.Nursery | None = None  # while `run` serves: delayed clean-ups
 
     def statistics(self) -> AgentStatistics:
         return AgentStatistics(enrolled_pods=len(self._pods), connected_ztunnels=len(self._connections))
@@ -207,7 +214,8 @@ class NodeAgent:
         return outcome is _Outcome.ACKED
 
     async def release(self, uid: str) -> bool:
-        """Stop capturing the pod `uid`: remove its rules, then Del to every connected ztunnel.
+        """Stop capturing the pod `uid`: remove its capture rules, then Del to every connected
+        ztunnel; the reply path goes `reply_path_grace` later (at once when `run` is not serving).
 
         Returns False when a ztunnel NACKed the Del (logged); a connection lost meanwhile does
         not count, its ztunnel drops the pod on its next snapshot. Raises EnrollError when the
@@ -217,11 +225,14 @@ class NodeAgent:
         if enrolment is None:
             _log.debug("release of a pod that is not enrolled", uid=uid)
             return True
+        delayed = self._nursery is not None and self._reply_path_grace > 0
         try:
-            # Rules out first, so new connections go direct before ztunnel drops its listeners.
+            # Capture off first, so new connections go direct before ztunnel drops its listeners;
+            # the reply path stays while connections ztunnel opened to the app finish.
             try:
-                await trio.to_thread.run_sync(remove_redirect, enrolment.netns_fd)
+                await trio.to_thread.run_sync(stop_redirect if delayed else remove_redirect, enrolment.netns_fd)
             except (RedirectError, NetnsError) as exc:
+                delayed = False
                 raise EnrollError(f"cannot release pod {enrolment.pod}: its capture rules stay: {exc}") from exc
             requests = [_Request(uid, encode_del(uid)) for _ in self._connections]
             for connection, request in zip(self._connections, requests):
@@ -229,8 +240,24 @@ class NodeAgent:
             for request in requests:
                 await request.done.wait()
         finally:
-            os.close(enrolment.netns_fd)
+            if delayed:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._remove_reply_path, enrolment)
+            else:
+                os.close(enrolment.netns_fd)
         return all(request.outcome is not _Outcome.NACKED for request in requests)
+
+    async def _remove_reply_path(self, enrolment: _Enrolment) -> None:
+        try:
+            await trio.sleep(self._reply_path_grace)
+            if enrolment.pod.uid in self._pods:
+                return  # enrolled again meanwhile: its rules are wanted (and were reinstalled)
+            await trio.to_thread.run_sync(remove_redirect, enrolment.netns_fd)
+        except (RedirectError, NetnsError) as exc:
+            # The pod (its netns) may be gone already; what is left there is inert.
+            _log.info("reply path of a released pod not removed", pod=str(enrolment.pod), error=str(exc))
+        finally:
+            os.close(enrolment.netns_fd)
 
     def close(self) -> None:
         """Forget every enrolled pod without touching its rules (they outlive an agent restart)."""
@@ -246,12 +273,14 @@ class NodeAgent:
         bound_inode = os.stat(self.socket_path).st_ino
         _log.info("node agent listening", path=str(self.socket_path))
         try:
-            task_status.started()
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
                 while True:
                     sock = await self._accept(listener)
                     nursery.start_soon(self._serve_ztunnel, sock)
         finally:
+            self._nursery = None
             netio.close(listener)
             try:
                 if os.stat(self.socket_path).st_ino == bound_inode:  # not a newer agent's socket

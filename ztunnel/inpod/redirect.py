@@ -1,13 +1,14 @@
 """ztunnel/inpod/redirect: the traffic capture rules inside an enrolled pod's network namespace.
 
 The rules are Istio's in-pod iptables rules (istio/istio cni/pkg/iptables, default.golden)
-written for nftables, in one table of their own so that installing is atomic and removing
-is deleting that table:
+written for nftables, in two tables of their own (the capture, and the reply path) so that
+installing is atomic and removing is deleting them:
 
-- nat OUTPUT: the pod's own outbound TCP goes to ztunnel's 15001, except traffic to
+- nat OUTPUT: the pod's own outbound TCP connections (their opening SYN; conntrack keeps
+  the rest of each connection on the same path) go to ztunnel's 15001, except traffic to
   127.0.0.1, traffic from the pod to itself over `lo`, and packets of ztunnel's own
   sockets (SO_MARK 0x539 under mask 0xfff).
-- nat PREROUTING: inbound TCP goes to ztunnel's 15006 (plaintext from non-mesh clients),
+- nat PREROUTING: inbound TCP connections go to ztunnel's 15006 (plaintext from non-mesh clients),
   except to 127.0.0.1, to 15008 (HBONE, which ztunnel already listens on in the pod) and
   ztunnel's marked packets.
 - The transparent reply path: when ztunnel connects to the app with the client's address
@@ -16,9 +17,15 @@ is deleting that table:
   `fwmark 0x111/0xfff lookup 100` with `local 0.0.0.0/0 dev lo table 100` delivers them
   back to ztunnel's socket instead of sending them out of the pod.
 
-Both `install_redirect` and `remove_redirect` are idempotent and blocking (they run `nft`
-and `ip` inside the netns); trio callers use `trio.to_thread.run_sync`. IPv4 only, like
-the one-machine runtime's address plan.
+Releasing a pod is two steps: `stop_redirect` ends the capture at once (new connections go
+direct), `remove_redirect` later takes the rest, once the connections already redirected and
+those ztunnel opened to the app with a client's address are done. Removing everything under
+them resets them: without a nat chain the kernel stops translating redirected connections,
+and without the reply path the app's replies leave the pod for a client that never opened
+that connection.
+
+All three are idempotent and blocking (they run `nft` and `ip` inside the netns); trio
+callers use `trio.to_thread.run_sync`. IPv4 only, like the one-machine runtime's address plan.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ MARK_MASK = 0xFFF
 TPROXY_MARK = 0x111
 ROUTE_TABLE = 100
 RULE_PRIORITY = 32764
-TABLE = "ztunnel-inpod"
+TABLE = "ztunnel-inpod"  # the capture: nat redirects to ztunnel's ports
+REPLY_TABLE = "ztunnel-inpod-reply"  # the transparent reply path (ct mark -> fwmark)
 _COMMAND_TIMEOUT = 10.0
 
 
@@ -46,14 +54,19 @@ class RedirectError(Exception):
 
 
 def redirect_ruleset() -> str:
-    """The nft script that (re)creates the capture table; applying it twice changes nothing."""
+    """The nft script that (re)creates both tables; applying it twice changes nothing."""
     mesh = f"meta mark & {MARK_MASK:#x} == {netio.MESH_MARK:#x}"
     unmarked = f"meta mark & {MARK_MASK:#x} != {netio.MESH_MARK:#x}"
     keep_high_bits = 0xFFFFFFFF & ~MARK_MASK
+    # Only a connection's first SYN is redirected. Conntrack starts in a pod's netns when these
+    # rules arrive, and picks up connections already open as "new" on their next packet: an
+    # app's reply on a connection made just before capture would be redirected to ztunnel
+    # and the connection broken.
+    opening = "tcp flags & (syn | ack) == syn"
     return f"""\
-table ip {TABLE} {{}}
-delete table ip {TABLE}
-table ip {TABLE} {{
+table ip {REPLY_TABLE} {{}}
+delete table ip {REPLY_TABLE}
+table ip {REPLY_TABLE} {{
   chain prerouting_mangle {{
     type filter hook prerouting priority mangle; policy accept;
     {mesh} ct mark set ct mark & {keep_high_bits:#x} | {TPROXY_MARK:#x}
@@ -62,14 +75,18 @@ table ip {TABLE} {{
     type route hook output priority mangle; policy accept;
     ct mark & {MARK_MASK:#x} == {TPROXY_MARK:#x} meta mark set ct mark
   }}
+}}
+table ip {TABLE} {{}}
+delete table ip {TABLE}
+table ip {TABLE} {{
   chain prerouting_nat {{
     type nat hook prerouting priority dstnat; policy accept;
-    ip daddr != 127.0.0.1 tcp dport != {INBOUND_HBONE_PORT} {unmarked} redirect to :{INBOUND_PLAINTEXT_PORT}
+    ip daddr != 127.0.0.1 tcp dport != {INBOUND_HBONE_PORT} {opening} {unmarked} redirect to :{INBOUND_PLAINTEXT_PORT}
   }}
   chain output_nat {{
     type nat hook output priority -100; policy accept;
     oifname "lo" ip daddr != 127.0.0.1 accept
-    ip daddr != 127.0.0.1 meta l4proto tcp {unmarked} redirect to :{OUTBOUND_PORT}
+    ip daddr != 127.0.0.1 {opening} {unmarked} redirect to :{OUTBOUND_PORT}
   }}
 }}
 """
@@ -79,6 +96,13 @@ def install_redirect(netns_fd: int) -> None:
     """Install (or refresh) the capture rules in the netns `netns_fd`."""
     _require_tools()
     in_netns(netns_fd, _install)
+
+
+def stop_redirect(netns_fd: int) -> None:
+    """Stop capturing new connections in the netns `netns_fd` (the redirect rules go), keeping
+    what connections already redirected, and those ztunnel opened to the app, still need."""
+    _require_tools()
+    in_netns(netns_fd, _remove_capture)
 
 
 def remove_redirect(netns_fd: int) -> None:
@@ -94,8 +118,16 @@ def _install() -> None:
     _run(_rule_command("add"), tolerate="File exists")
 
 
+def _remove_capture() -> None:
+    # The chains stay, empty: while a nat chain exists the kernel keeps translating the
+    # connections it redirected already; without one they would go on untranslated (reset).
+    _run(["nft", "-f", "-"], script=f"flush chain ip {TABLE} prerouting_nat\nflush chain ip {TABLE} output_nat\n",
+         tolerate="No such file or directory")
+
+
 def _remove() -> None:
     _run(["nft", "-f", "-"], script=f"table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
+    _run(["nft", "-f", "-"], script=f"table ip {REPLY_TABLE} {{}}\ndelete table ip {REPLY_TABLE}\n")
     _run(_rule_command("del"), tolerate="No such file or directory")
     _run(["ip", "-4", "route", "flush", "table", str(ROUTE_TABLE)])
 
