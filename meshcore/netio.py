@@ -227,6 +227,58 @@ def send_nowait(sock: socket.socket, data: Buffer) -> int:
         return 0
 
 
+class SocketStream(trio.abc.HalfCloseableStream):
+    """A trio stream over a raw non-blocking socket that yields to the scheduler only when it
+    must wait, like the HBONE tunnel streams: trio's own SocketStream schedules on every call,
+    which for an L7 proxy's upstream connections is a round trip per read and write.
+
+    Cancellation is still honoured at every call (`checkpoint_if_cancelled`), and a caller
+    that never waits must yield itself, as `Fairness` says.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    async def send_all(self, data: Buffer) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.socket.fileno() < 0:
+            raise trio.ClosedResourceError("the socket is closed")
+        try:
+            await send_all(self.socket, data)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await wait_writable(self.socket)
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.socket.fileno() < 0:
+            raise trio.ClosedResourceError("the socket is closed")
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"shutdown failed: {exc}") from exc
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.socket.fileno() < 0:
+            raise trio.ClosedResourceError("the socket is closed")
+        size = max_bytes or READ_SIZE
+        try:
+            while True:
+                try:
+                    return self.socket.recv(size)
+                except BlockingIOError:
+                    await wait_readable(self.socket)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+
+    async def aclose(self) -> None:
+        close(self.socket)
+        await trio.lowlevel.checkpoint()
+
+
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """The pre-REDIRECT destination of an accepted connection (SO_ORIGINAL_DST)."""
     if sock.family == socket.AF_INET6:

@@ -325,7 +325,7 @@ class Upstreams:
                         source_ip=None,
                     )
                     return await self.hbone.open_tunnel(key, str(endpoint), tunnel_headers)
-                return await trio.open_tcp_stream(endpoint.address, endpoint.port)
+                return netio.SocketStream(await netio.connect((endpoint.address, endpoint.port)))
         except trio.TooSlowError:
             raise UpstreamConnectFailed(f"{where}: not connected within the connect timeout of {cluster.connect_timeout:g} s") from None
         except TunnelRejected as exc:
