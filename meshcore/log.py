@@ -114,6 +114,12 @@ def set_level(level: str) -> None:
     _current_level = name
 
 
+def enabled(level: str) -> bool:
+    """Whether lines at `level` are written now: a hot path skips building a line that
+    would be dropped."""
+    return _LEVELS[level] >= _LEVELS[_current_level]
+
+
 def current_level() -> str:
     """The level set by the last `configure_logging` / `set_level` call."""
     return _current_level

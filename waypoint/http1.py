@@ -21,14 +21,16 @@ another request (both sides done, no `Connection: close`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
 
 import h11
 import trio
 
 from meshcore.log import get_logger
+from waypoint import http1_wire
 from waypoint.messages import (
+    Body,
     BodyError,
     Headers,
     Request,
@@ -65,7 +67,201 @@ async def serve_http1(stream: trio.abc.Stream, handler: Handler, limits: HttpLim
 
     `initial` is data already read from the stream (by protocol detection). Never raises for
     what the client does; closes nothing but leaves `stream` for the caller to close.
+    Plain requests are served without h11 (waypoint.http1_wire); from the first one that is
+    not, h11 serves the connection.
     """
+    server = _PlainServer(stream, limits, initial)
+    try:
+        with server.timer:
+            while True:
+                head = await server.receive_head()
+                if head is None:
+                    break
+                exchange = _PlainExchange(stream, server.buffer, head, limits)
+                if not await _serve_exchange(exchange, handler) or not await exchange.finish():
+                    return
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return  # the client went away mid-exchange
+    if server.timer.cancelled_caught:
+        if server.waiting_for_head:
+            await _refuse(stream, h11.Connection(h11.SERVER), 408, f"request headers not received within {limits.header_timeout:g} s")
+        return  # else an idle keep-alive connection
+    if not server.client_closed:
+        await _serve_with_h11(stream, handler, limits, bytes(server.buffer))
+
+
+async def _serve_exchange(exchange: _PlainExchange | _ServerExchange, handler: Handler) -> bool:
+    """Run the handler for one request; True if the response went out whole."""
+    try:
+        await handler(exchange.request, exchange.respond)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    except Exception:
+        _log.exception("http handler failed", method=exchange.request.method, target=exchange.request.target)
+        if exchange.started:
+            return False  # half a response went out: only closing tells the client
+        await exchange.respond(local_reply(500, "internal error, see the waypoint log\n"))
+    if not exchange.started:
+        await exchange.respond(local_reply(500, "no response was produced\n"))
+    return exchange.completed
+
+
+class _PlainServer:
+    """Reads plain request heads; one cancel scope per connection times idleness and heads
+    (a scope entered per request cost more than the request's routing)."""
+
+    def __init__(self, stream: trio.abc.Stream, limits: HttpLimits, initial: bytes) -> None:
+        self._stream = stream
+        self._limits = limits
+        self.buffer = bytearray(initial)
+        self.timer = trio.CancelScope()
+        self.waiting_for_head = False  # a head has started and the header timeout runs
+        self.client_closed = False
+
+    async def receive_head(self) -> http1_wire.RequestHead | None:
+        """The next plain request head; None when the client closed between requests
+        (`client_closed`) or the head is not plain (h11 takes the buffer)."""
+        buffer = self.buffer
+        end = buffer.find(http1_wire.HEAD_END)
+        if end < 0:
+            receive, timer = self._stream.receive_some, self.timer
+            if not buffer:
+                timer.deadline = trio.current_time() + self._limits.idle_timeout
+                data = await receive(RECEIVE_SIZE)
+                if not data:
+                    self.client_closed = True
+                    return None
+                buffer += data
+            timer.deadline = trio.current_time() + self._limits.header_timeout
+            self.waiting_for_head = True
+            while (end := buffer.find(http1_wire.HEAD_END)) < 0:
+                if len(buffer) > self._limits.max_header_bytes:
+                    return None  # h11 answers 431
+                data = await receive(RECEIVE_SIZE)
+                if not data:
+                    return None  # h11 sees a head cut short
+                buffer += data
+            self.waiting_for_head = False
+            timer.deadline = math.inf
+        size = end + len(http1_wire.HEAD_END)
+        head = http1_wire.parse_request_head(bytes(buffer[:size])) if size <= self._limits.max_header_bytes else None
+        if head is not None:
+            del buffer[:size]
+        return head
+
+
+class _PlainRequestBody:
+    """A Content-Length request body, read from the connection as the pipeline asks."""
+
+    def __init__(self, stream: trio.abc.Stream, buffer: bytearray, length: int, limits: HttpLimits) -> None:
+        self._stream = stream
+        self._buffer = buffer
+        self.remaining = length
+        self._too_large = length > limits.max_body_bytes
+        self._limit = limits.max_body_bytes
+        self.broken = False  # malformed or over the limit: the connection is not reused
+        self.trailers: Headers = ()
+
+    async def read(self) -> bytes:
+        if self._too_large:
+            self.broken = True
+            raise BodyError(f"request body larger than {self._limit} bytes", status=413)
+        return await self.take()
+
+    async def take(self) -> bytes:
+        """The next piece of the body, whatever its size."""
+        if not self.remaining:
+            return b""
+        buffer = self._buffer
+        if not buffer:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                self.broken = True
+                raise BodyError(f"malformed request body: the client closed it {self.remaining} bytes short", status=400)
+            buffer += data
+        size = min(len(buffer), self.remaining)
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        self.remaining -= size
+        return data
+
+    async def aclose(self) -> None:
+        """Nothing to do: what the handler left unread is drained after the response."""
+
+
+class _PlainExchange:
+    """One plain request and the single response to it."""
+
+    def __init__(self, stream: trio.abc.Stream, buffer: bytearray, head: http1_wire.RequestHead, limits: HttpLimits) -> None:
+        self._stream = stream
+        self._body = _PlainRequestBody(stream, buffer, head.content_length, limits)
+        self.request = Request(
+            method=head.method,
+            authority=head.host,
+            target=head.target,
+            headers=head.headers,
+            body=self._body,
+            protocol="HTTP/1.1",
+        )
+        self.started = False
+        self.completed = False
+
+    async def respond(self, response: Response) -> None:
+        """Write `response`; raises BodyError if its body broke or does not match its
+        framing (the connection is then unusable), trio.BrokenResourceError if the client
+        went away."""
+        if self.started:
+            raise RuntimeError("respond() called twice for one request")
+        self.started = True
+        headers = without_hop_by_hop(response.headers)
+        bodiless = http1_wire.has_no_body(response.status)
+        try:
+            length = http1_wire.content_length(headers)
+            chunked = length is None and not bodiless
+            head = http1_wire.response_head(response.status, headers, chunked=chunked, close=self._body.broken)
+        except ValueError as exc:
+            raise BodyError(f"response does not match its own framing: {exc}", status=502) from exc
+        send, body = self._stream.send_all, response.body
+        await send(head)
+        sent = 0
+        while chunk := await body.read():
+            if self.request.method == "HEAD":
+                continue
+            sent += len(chunk)
+            if bodiless or (length is not None and sent > length):
+                raise BodyError("response does not match its own framing: body longer than declared", status=502)
+            await send(http1_wire.chunk(chunk) if chunked else chunk)
+        if chunked and self.request.method != "HEAD":
+            try:
+                await send(http1_wire.last_chunk(body.trailers))
+            except ValueError as exc:
+                raise BodyError(f"response trailers are not valid HTTP/1.1: {exc}", status=502) from exc
+        elif length is not None and sent < length and self.request.method != "HEAD":
+            raise BodyError(f"response does not match its own framing: body {length - sent} bytes shorter than declared", status=502)
+        self.completed = not self._body.broken
+
+    async def finish(self) -> bool:
+        """Read away what the handler left of the request body; True if the connection can
+        carry another request."""
+        body = self._body
+        if body.broken or body.remaining > DRAIN_LIMIT_BYTES:
+            return False
+        if not body.remaining:
+            return True
+        with trio.move_on_after(DRAIN_SECONDS):
+            try:
+                while await body.take():
+                    pass
+            except BodyError:
+                return False
+            return True
+        return False
+
+
+# --- server with h11: whatever is not plain ---
+
+
+async def _serve_with_h11(stream: trio.abc.Stream, handler: Handler, limits: HttpLimits, initial: bytes) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
     if initial:
         conn.receive_data(initial)
@@ -86,18 +282,7 @@ async def serve_http1(stream: trio.abc.Stream, handler: Handler, limits: HttpLim
                 await _refuse(stream, conn, *problem)
                 return
             exchange = _ServerExchange(stream, conn, head, limits)
-            try:
-                await handler(exchange.request, exchange.respond)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            except Exception:
-                _log.exception("http handler failed", method=exchange.request.method, target=exchange.request.target)
-                if exchange.started:
-                    return  # half a response went out: only closing tells the client
-                await exchange.respond(local_reply(500, "internal error, see the waypoint log\n"))
-            if not exchange.started:
-                await exchange.respond(local_reply(500, "no response was produced\n"))
-            if not exchange.completed or not await _drain_request(stream, conn):
+            if not await _serve_exchange(exchange, handler) or not await _drain_request(stream, conn):
                 return
             conn.start_next_cycle()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -314,10 +499,7 @@ async def close_gracefully(stream: trio.abc.Stream) -> None:
 
 
 def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
+    return http1_wire.reason(status)
 
 
 # --- client ---
@@ -327,7 +509,8 @@ class Http1ClientConnection:
     """One upstream HTTP/1.1 connection carrying one request at a time.
 
     `on_idle(self)` is called when a response has been read to its end and the connection
-    can carry another request; otherwise the connection closes itself.
+    can carry another request; otherwise the connection closes itself. Plain messages go
+    without h11 (waypoint.http1_wire); from the first that is not, h11 runs the connection.
     """
 
     def __init__(
@@ -338,7 +521,9 @@ class Http1ClientConnection:
         on_idle: Callable[[Http1ClientConnection], None] = lambda conn: None,
     ) -> None:
         self._stream = stream
-        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+        self._max_header_bytes = max_header_bytes
+        self._conn: h11.Connection | None = None  # once h11 has taken over
+        self._buffer = bytearray()  # received, not yet parsed (plain mode)
         self._on_idle = on_idle
         self.requests_sent = 0
         self.closed = False
@@ -349,39 +534,105 @@ class Http1ClientConnection:
         Raises trio.BrokenResourceError / ClosedResourceError if the connection failed,
         h11.ProtocolError for a malformed response, BodyError if the request body broke.
         """
-        conn = self._conn
         self.requests_sent += 1
         try:
-            headers = [("host", request.authority), *without_hop_by_hop(request.headers)]
-            has_length = any(name == "content-length" for name, _ in headers)
+            headers = (("host", request.authority), *without_hop_by_hop(request.headers))
             # A body of unknown length needs chunked framing; peeking tells "no body" apart.
             first = await request.body.read()
-            if first and not has_length:
-                headers.append(("transfer-encoding", "chunked"))
-            await self._stream.send_all(conn.send(h11.Request(method=request.method, target=request.target, headers=headers)))
-            chunk = first
-            while chunk:
-                await self._stream.send_all(conn.send(h11.Data(data=chunk)))
-                chunk = await request.body.read()
-            await self._stream.send_all(conn.send(h11.EndOfMessage()))
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
-                elif isinstance(event, h11.Response):
-                    break
-                elif isinstance(event, h11.InformationalResponse):
-                    continue  # 100 Continue and friends: the final answer follows
+            if self._conn is None:
+                try:
+                    length = http1_wire.content_length(headers)
+                    head = http1_wire.request_head(request.method, request.target, headers, chunked=bool(first) and length is None)
+                except ValueError:
+                    self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_header_bytes)
                 else:
-                    raise h11.RemoteProtocolError(f"upstream sent {type(event).__name__} instead of a response", error_status_hint=502)
+                    await self._send_plain(head, first, request.body, length)
+                    response = await self._receive_plain(request)
+                    if response is not None:
+                        return response
+            if self._conn.our_state is h11.IDLE:
+                await self._send_with_h11(headers, first, request)
+            event = await self._receive_with_h11()
         except BaseException:
             await self.aclose()
             raise
         headers_out = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in event.headers)
         return Response(event.status_code, without_hop_by_hop(headers_out), _ClientResponseBody(self))
 
+    async def _send_plain(self, head: bytes, first: bytes, body: Body, length: int | None) -> None:
+        send = self._stream.send_all
+        if not first:
+            await send(head)
+            return
+        await send(head + (first if length is not None else http1_wire.chunk(first)))
+        sent = len(first)
+        while chunk := await body.read():
+            sent += len(chunk)
+            if length is not None and sent > length:
+                raise h11.LocalProtocolError("request body longer than its Content-Length")
+            await send(chunk if length is not None else http1_wire.chunk(chunk))
+        if length is None:
+            await send(http1_wire.LAST_CHUNK)
+        elif sent < length:
+            raise h11.LocalProtocolError("request body shorter than its Content-Length")
+
+    async def _receive_plain(self, request: Request) -> Response | None:
+        """The response, once its head arrived; None when h11 has to read it."""
+        buffer = self._buffer
+        while (end := buffer.find(http1_wire.HEAD_END)) < 0 and len(buffer) <= self._max_header_bytes:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                raise h11.RemoteProtocolError("upstream closed the connection before its response head ended", error_status_hint=502)
+            buffer += data
+        size = end + len(http1_wire.HEAD_END)
+        head = http1_wire.parse_response_head(bytes(buffer[:size]), head_request=request.method == "HEAD") if end >= 0 else None
+        if head is None:
+            # h11 takes over, told what was asked so that it frames the response the same.
+            conn = self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_header_bytes)
+            conn.send(h11.Request(method=request.method, target=request.target, headers=[("host", request.authority)]))
+            conn.send(h11.EndOfMessage())
+            conn.receive_data(bytes(buffer))
+            buffer.clear()
+            return None
+        del buffer[:size]
+        return Response(head.status, head.headers, _PlainResponseBody(self, head.content_length, head.close))
+
+    async def _end_plain_response(self, close: bool) -> None:
+        if close or self._buffer:  # bytes past the response: the server is out of step
+            await self.aclose()
+        else:
+            self._on_idle(self)
+
+    async def _send_with_h11(self, headers: Headers, first: bytes, request: Request) -> None:
+        conn = self._conn
+        assert conn is not None
+        framing = list(headers)
+        if first and not any(name == "content-length" for name, _ in headers):
+            framing.append(("transfer-encoding", "chunked"))
+        await self._stream.send_all(conn.send(h11.Request(method=request.method, target=request.target, headers=framing)))
+        chunk = first
+        while chunk:
+            await self._stream.send_all(conn.send(h11.Data(data=chunk)))
+            chunk = await request.body.read()
+        await self._stream.send_all(conn.send(h11.EndOfMessage()))
+
+    async def _receive_with_h11(self) -> h11.Response:
+        conn = self._conn
+        assert conn is not None
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+            elif isinstance(event, h11.Response):
+                return event
+            elif isinstance(event, h11.InformationalResponse):
+                continue  # 100 Continue and friends: the final answer follows
+            else:
+                raise h11.RemoteProtocolError(f"upstream sent {type(event).__name__} instead of a response", error_status_hint=502)
+
     async def _read_body(self) -> bytes | h11.EndOfMessage:
         conn = self._conn
+        assert conn is not None
         try:
             while True:
                 event = conn.next_event()
@@ -432,6 +683,49 @@ class _ClientResponseBody:
             self._trailers = tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in result.headers)
             return b""
         return result
+
+    async def aclose(self) -> None:
+        """A response abandoned before its end leaves the connection mid-message: close it."""
+        if not self._ended:
+            self._ended = True
+            await self._connection.aclose()
+
+
+class _PlainResponseBody:
+    """A Content-Length response body (or none), read from the connection's buffer."""
+
+    def __init__(self, connection: Http1ClientConnection, length: int, close: bool) -> None:
+        self._connection = connection
+        self._remaining = length
+        self._close = close
+        self._ended = False
+        self.trailers: Headers = ()
+
+    async def read(self) -> bytes:
+        if self._ended:
+            return b""
+        connection = self._connection
+        buffer = connection._buffer
+        try:
+            if self._remaining and not buffer:
+                data = await connection._stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise BodyError(f"upstream response body broke: the connection closed {self._remaining} bytes short")
+                buffer += data
+            size = min(len(buffer), self._remaining)
+            data = bytes(buffer[:size])
+            del buffer[:size]
+            self._remaining -= size
+            if not self._remaining:  # read to its end: the connection is free at once
+                self._ended = True
+                await connection._end_plain_response(self._close)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await connection.aclose()
+            raise BodyError(f"upstream response body broke: {exc}") from exc
+        except BaseException:
+            await connection.aclose()
+            raise
+        return data
 
     async def aclose(self) -> None:
         """A response abandoned before its end leaves the connection mid-message: close it."""

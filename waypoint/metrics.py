@@ -23,7 +23,7 @@ from typing import Any
 
 import prometheus_client
 
-from meshcore.log import get_logger
+from meshcore import log
 from meshcore.metrics import ENVOY_DEFAULT_BUCKETS_MS, REQUEST_LABELS, UNKNOWN, register_build_info
 
 REPORTER = "waypoint"
@@ -34,7 +34,7 @@ _FLAG_ORDER = (
     "DI", "FI", "RL", "UAEX", "RLSE", "IH", "SI", "DPE", "UPE", "UMSDR", "OM", "DF", "DO", "DR", "UDO",
 )  # fmt: skip
 
-_access_log = get_logger("access")
+_access_log = log.get_logger("access")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +155,9 @@ def request_labels(record: RequestRecord) -> dict[str, str]:
 
 
 def _log_access(record: RequestRecord) -> None:
+    failed = record.error is not None or record.response_code >= 500
+    if not log.enabled("error" if failed else "info"):
+        return
     fields = {
         "src.addr": record.source_address,
         "src.workload": record.source.workload,
@@ -181,10 +184,10 @@ def _log_access(record: RequestRecord) -> None:
         "trace_id": record.trace_id,
         "error": record.error,
     }
-    if record.error is None and record.response_code < 500:
-        _access_log.info("request complete", **fields)
-    else:
+    if failed:
         _access_log.error("request complete", **fields)
+    else:
+        _access_log.info("request complete", **fields)
 
 
 def _or_unknown(value: str | None) -> str:

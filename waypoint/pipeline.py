@@ -28,6 +28,7 @@ matching grpc-status (Envoy's local-reply mapping), so gRPC clients see a gRPC e
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -98,6 +99,27 @@ def _upstream_failure_reply(error: UpstreamError) -> LocalReply:
 
 def _timeout_reply() -> LocalReply:
     return LocalReply(504, "UT", "response_timeout", "upstream request timeout")
+
+
+class _NoScope:
+    """Stands in for a cancel scope whose deadline is infinite."""
+
+    cancelled_caught = False
+
+    def __enter__(self) -> _NoScope:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_SCOPE = _NoScope()
+
+
+def _scope_at(deadline: float) -> trio.CancelScope | _NoScope:
+    """A cancel scope for a finite deadline. Without a timeout configured none is entered:
+    entering and leaving trio's scopes was a tenth of a request's CPU."""
+    return trio.CancelScope(deadline=deadline) if deadline != math.inf else _NO_SCOPE
 
 
 # --- per-cluster state ---
@@ -216,15 +238,18 @@ class _AttemptBody:
 
 
 class _CountingBody:
-    """A response body on its way to the client: counts bytes, notes gRPC trailers."""
+    """A response body on its way to the client: counts bytes, notes gRPC trailers and
+    whether it was read to its end."""
 
     def __init__(self, body: Body) -> None:
         self._body = body
         self.bytes = 0
+        self.ended = False
 
     async def read(self) -> bytes:
         chunk = await self._body.read()
         self.bytes += len(chunk)
+        self.ended = not chunk
         return chunk
 
     @property
@@ -266,6 +291,7 @@ class _Answer:
     cluster: ClusterState
     endpoint: Endpoint
     response: Response | None = None
+    streamed: _CountingBody | None = None  # the response body as it went to the client
     released: bool = False
 
     async def release(self) -> None:
@@ -273,7 +299,8 @@ class _Answer:
             return
         self.released = True
         try:
-            if self.response is not None:
+            # A body read to its end has given its connection back already.
+            if self.response is not None and not (self.streamed is not None and self.streamed.ended):
                 with trio.CancelScope(shield=True):
                     await self.response.body.aclose()
         finally:
@@ -304,6 +331,7 @@ class Pipeline:
         self._rng = rng or random.Random()
         self._clusters: dict[str, ClusterState] = {}
         self._synced_version = -1
+        self._peer_labels_cache: dict[tuple[object, ...], tuple[PeerLabels, PeerLabels]] = {}
 
     def cluster_state(self, name: str) -> ClusterState | None:
         return self._clusters.get(name)
@@ -332,6 +360,41 @@ class Pipeline:
         finally:
             self._record(exchange, snapshot, replay)
 
+    def _peer_labels(
+        self, snapshot: WaypointSnapshot, downstream: Downstream, endpoint: Endpoint | None
+    ) -> tuple[PeerLabels, PeerLabels]:
+        """The metric labels of both sides; the same few pairs recur, so they are kept per
+        snapshot (a request that began on an older snapshot computes its own)."""
+        key = (downstream.client_address[0], downstream.client_identity, endpoint)
+        current = snapshot.version == self._synced_version
+        if current and (labels := self._peer_labels_cache.get(key)) is not None:
+            return labels
+        addresses = snapshot.addresses
+        client = addresses.workload(downstream.client_address[0])
+        source = PeerLabels(
+            workload=(client.workload_name or client.name) if client else None,
+            namespace=client.namespace if client else (downstream.client_identity.namespace if downstream.client_identity else None),
+            principal=downstream.client_identity.uri if downstream.client_identity else None,
+            canonical_service=client.canonical_name if client else None,
+            canonical_revision=client.canonical_revision if client else None,
+            cluster=client.cluster_id if client else None,
+        )
+        destination = PeerLabels()
+        if endpoint is not None:
+            workload = addresses.workload(endpoint.address)
+            namespace, _, name = (endpoint.workload or "").partition("/")
+            destination = PeerLabels(
+                workload=(workload.workload_name or workload.name) if workload else name or None,
+                namespace=workload.namespace if workload else namespace or None,
+                principal=endpoint.identity,
+                canonical_service=workload.canonical_name if workload else None,
+                canonical_revision=workload.canonical_revision if workload else None,
+                cluster=workload.cluster_id if workload else None,
+            )
+        if current:
+            self._peer_labels_cache[key] = (source, destination)
+        return source, destination
+
     def _sync(self) -> WaypointSnapshot:
         """Bring per-cluster state up to the current snapshot (once per config change)."""
         snapshot = self._store.current
@@ -349,6 +412,7 @@ class Pipeline:
             states[name] = state
         self._clusters = states
         self._synced_version = snapshot.version
+        self._peer_labels_cache.clear()
         return snapshot
 
     async def _serve(
@@ -382,24 +446,22 @@ class Pipeline:
         def upstream_request(body: Body) -> Request:
             return Request(request.method, authority, target, headers, body, request.protocol, request.scheme)
 
-        deadline = exchange.started + action.timeout if action.timeout else float("inf")
+        # Envoy's route timeout runs until the response has ended: one scope for both.
+        deadline = exchange.started + action.timeout if action.timeout else math.inf
         answer: _Answer | None = None
         try:
-            with trio.move_on_at(deadline) as timeout:
+            with _scope_at(deadline) as timeout:
                 answer = await self._forward(exchange, action, replay, upstream_request)
-            if timeout.cancelled_caught:
-                raise _timeout_reply()
-            assert answer is not None and answer.response is not None
-            upstream = answer.response
-            exchange.status = upstream.status
-            exchange.grpc_status = header_value(upstream.headers, "grpc-status") or ""
-            body = _CountingBody(upstream.body)
-            response = Response(
-                upstream.status,
-                apply_header_changes(upstream.headers, action.response_headers_to_add, action.response_headers_to_remove),
-                body,
-            )
-            with trio.move_on_at(deadline) as timeout:
+                assert answer.response is not None
+                upstream = answer.response
+                exchange.status = upstream.status
+                exchange.grpc_status = header_value(upstream.headers, "grpc-status") or ""
+                body = answer.streamed = _CountingBody(upstream.body)
+                response = Response(
+                    upstream.status,
+                    apply_header_changes(upstream.headers, action.response_headers_to_add, action.response_headers_to_remove),
+                    body,
+                )
                 try:
                     await respond(response)
                 except BodyError as exc:  # the upstream broke off mid-body
@@ -414,6 +476,8 @@ class Pipeline:
                     exchange.response_bytes = body.bytes
                     exchange.grpc_status = exchange.grpc_status or header_value(body.trailers, "grpc-status") or ""
             if timeout.cancelled_caught:
+                if answer is None or answer.streamed is None:
+                    raise _timeout_reply()
                 exchange.flags.append("UT")
                 exchange.details = "response_timeout"
                 exchange.error = "route timeout expired while the response was streaming"
@@ -500,9 +564,9 @@ class Pipeline:
             else exchange.request.protocol == "HTTP/2"
         )
         service = state.config.service.host if state.config.service else exchange.downstream.service.hostname
-        per_try = policy.per_try_timeout if policy is not None and policy.per_try_timeout else float("inf")
+        per_try = policy.per_try_timeout if policy is not None and policy.per_try_timeout else math.inf
         try:
-            with trio.move_on_after(per_try) as try_scope:
+            with _scope_at(trio.current_time() + per_try) as try_scope:
                 answer.response = await self._upstreams.send(
                     state.config,
                     state.limits,
@@ -549,28 +613,8 @@ class Pipeline:
     def _record(self, exchange: _Exchange, snapshot: WaypointSnapshot, replay: _ReplayableBody) -> None:
         downstream, request = exchange.downstream, exchange.request
         addresses = snapshot.addresses
-        client = addresses.workload(downstream.client_address[0])
-        source = PeerLabels(
-            workload=(client.workload_name or client.name) if client else None,
-            namespace=client.namespace if client else (downstream.client_identity.namespace if downstream.client_identity else None),
-            principal=downstream.client_identity.uri if downstream.client_identity else None,
-            canonical_service=client.canonical_name if client else None,
-            canonical_revision=client.canonical_revision if client else None,
-            cluster=client.cluster_id if client else None,
-        )
         endpoint = exchange.endpoint
-        destination = PeerLabels()
-        if endpoint is not None:
-            workload = addresses.workload(endpoint.address)
-            namespace, _, name = (endpoint.workload or "").partition("/")
-            destination = PeerLabels(
-                workload=(workload.workload_name or workload.name) if workload else name or None,
-                namespace=workload.namespace if workload else namespace or None,
-                principal=endpoint.identity,
-                canonical_service=workload.canonical_name if workload else None,
-                canonical_revision=workload.canonical_revision if workload else None,
-                cluster=workload.cluster_id if workload else None,
-            )
+        source, destination = self._peer_labels(snapshot, downstream, endpoint)
         service_ref = exchange.cluster.config.service if exchange.cluster is not None else None
         service = downstream.service
         record = RequestRecord(

@@ -28,7 +28,6 @@ submit, waypoint/otlp.py).
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from collections.abc import Callable
@@ -94,14 +93,15 @@ def incoming_context(headers: Headers) -> tuple[TraceContext | None, str | None]
     return context, ",".join(states) if states else None
 
 
-def new_span_id() -> bytes:
-    while (span_id := os.urandom(8)) == _INVALID_SPAN_ID:
+def new_span_id(rng: random.Random) -> bytes:
+    # Envoy draws ids from a fast PRNG too; os.urandom is a system call per id.
+    while (span_id := rng.getrandbits(64).to_bytes(8)) == _INVALID_SPAN_ID:
         pass
     return span_id
 
 
-def new_trace_id() -> bytes:
-    while (trace_id := os.urandom(16)) == _INVALID_TRACE_ID:
+def new_trace_id(rng: random.Random) -> bytes:
+    while (trace_id := rng.getrandbits(128).to_bytes(16)) == _INVALID_TRACE_ID:
         pass
     return trace_id
 
@@ -216,12 +216,12 @@ class Tracer:
         parent, trace_state = incoming_context(headers)
         recording = self._export is not None and should_sample(parent, self._sampling_percent, self._rng.random())
         if recording:
-            trace_id = parent.trace_id if parent is not None else new_trace_id()
-            context = TraceContext(trace_id, new_span_id(), sampled=True)
+            trace_id = parent.trace_id if parent is not None else new_trace_id(self._rng)
+            context = TraceContext(trace_id, new_span_id(self._rng), sampled=True)
         elif parent is not None:
             context = parent
         else:
-            context = TraceContext(new_trace_id(), new_span_id(), sampled=False)
+            context = TraceContext(new_trace_id(self._rng), new_span_id(self._rng), sampled=False)
         return Hop(
             context=context,
             parent_span_id=parent.span_id if parent is not None and recording else None,

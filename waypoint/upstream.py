@@ -153,7 +153,7 @@ class Upstreams:
         connection), BodyError (the request body broke on the way).
         """
         connections = self._clusters.get(cluster.name)
-        if connections is None or connections.config != cluster or connections.limits is not limits:
+        if connections is None or connections.limits is not limits or (connections.config is not cluster and connections.config != cluster):
             if connections is not None:
                 self._drain(connections)
             connections = self._clusters[cluster.name] = _ClusterConnections(cluster, limits)
