@@ -7,6 +7,7 @@ import sys
 import trio
 
 from meshcore.log import configure_logging
+from meshcore.process import prepare_for_serving
 from istiod_lite.config import parse_args
 
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RootError, OSError) as exc:
         print(f"istiod-lite: {exc}", file=sys.stderr)
         return 2
+    prepare_for_serving()
     status = 0
     try:
         trio.run(_run_until_signal, istiod)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
@@ -321,20 +321,23 @@ class FlowBroadcaster:
         max_subscribers: int = MAX_SUBSCRIBERS,
     ) -> None:
         self.proxy = proxy
-        self._recent: deque[FlowEvent] = deque(maxlen=history)
+        self._recent: deque[FlowEvent | Callable[[], FlowEvent]] = deque(maxlen=history)
         self._subscriber_queue = subscriber_queue
         self._max_subscribers = max_subscribers
         self._subscribers: list[FlowSubscription] = []
 
-    def publish(self, event: FlowEvent) -> None:
-        """Record `event`; never blocks (called on the data path)."""
+    def publish(self, event: FlowEvent | Callable[[], FlowEvent]) -> None:
+        """Record `event`, or a function that makes it when someone reads it (a waypoint
+        request nobody watches then costs no event); never blocks (called on the data path)."""
+        if self._subscribers:
+            event = event if isinstance(event, FlowEvent) else event()
+            for subscription in self._subscribers:
+                subscription._offer(event)
         self._recent.append(event)
-        for subscription in self._subscribers:
-            subscription._offer(event)
 
     def recent(self) -> tuple[FlowEvent, ...]:
         """The buffered events, oldest first."""
-        return tuple(self._recent)
+        return tuple(event if isinstance(event, FlowEvent) else event() for event in self._recent)
 
     def subscribe(self) -> FlowSubscription:
         """A new follower of events from now on; raises TooManySubscribers."""

@@ -242,7 +242,9 @@ def envoy_http_proxy_bootstrap(*, listen: tuple[str, int], backend: tuple[str, i
         "route_config": {
             "name": "bench",
             "virtual_hosts": [
-                {"name": "bench", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "nginx"}}]}
+                # No route timeout, as istiod_lite (and istiod) configure a route whose
+                # VirtualService sets none; the same in perf/waypoint_static.py.
+                {"name": "bench", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "nginx", "timeout": "0s"}}]}
             ],
         },
         "http_filters": [

@@ -33,13 +33,14 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: E402
     http_connection_manager_pb2 as hcm_pb2,
 )
-from google.protobuf import any_pb2, wrappers_pb2  # noqa: E402
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2  # noqa: E402
 from google.protobuf.message import Message  # noqa: E402
 
 from meshcore._gen import workload_pb2  # noqa: E402
 from meshcore.identity import CertificateAuthority  # noqa: E402
 from meshcore.identity.manager import LocalCaProvider  # noqa: E402
 from meshcore.log import configure_logging  # noqa: E402
+from meshcore.process import prepare_for_serving  # noqa: E402
 from waypoint.settings import Ports, WaypointSettings  # noqa: E402
 
 NAMESPACE = "default"
@@ -97,7 +98,9 @@ def bench_resources(vip: tuple[str, int], backend: tuple[str, int]) -> list[Mess
                 routes=[
                     route_components_pb2.Route(
                         match=route_components_pb2.RouteMatch(prefix="/"),
-                        route=route_components_pb2.RouteAction(cluster=cluster_name),
+                        # timeout 0s: no route timeout, as istiod_lite sends for a
+                        # VirtualService without one (Envoy's own default is 15 s).
+                        route=route_components_pb2.RouteAction(cluster=cluster_name, timeout=duration_pb2.Duration()),
                     )
                 ],
             )
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         print(f"waypoint_static: config rejected: {errors}", file=sys.stderr)
         return 2
+    prepare_for_serving()  # as the `waypoint` command does
     trio.run(waypoint.run)
     return 0
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-import time
 
 from meshcore.flows import FlowEvent, FlowPeer, HttpSummary
-from waypoint.feeds import AddressIndex
 from waypoint.metrics import RequestRecord
 from waypoint.policy.authz import Decision
 
@@ -22,22 +20,24 @@ def policy_key(rbac_policy_name: str | None) -> str | None:
     return f"{match['namespace']}/{match['name']}" if match else rbac_policy_name
 
 
-def request_flow(proxy: str, record: RequestRecord, authz: Decision | None, addresses: AddressIndex) -> FlowEvent:
-    """`record` as a flow; `authz` is None when the request never reached authorization."""
-    client = addresses.workload(record.source_address.rpartition(":")[0])
-    server = addresses.workload(record.destination_address.rpartition(":")[0].strip("[]")) if record.destination_address else None
+def request_flow(
+    proxy: str, record: RequestRecord, authz: Decision | None, pods: tuple[str | None, str | None], at: float
+) -> FlowEvent:
+    """`record` as a flow at `at` (Unix time); `pods` are the client's and the endpoint's pod
+    names; `authz` is None when the request never reached authorization."""
+    client_pod, server_pod = pods
     return FlowEvent(
-        time=time.time(),
+        time=at,
         proxy=proxy,
         reporter="waypoint",
         source=FlowPeer(
-            workload=client.name if client else None,
+            workload=client_pod,
             namespace=record.source.namespace,
             identity=record.source.principal,
             address=record.source_address,
         ),
         destination=FlowPeer(
-            workload=server.name if server else record.destination.workload,
+            workload=server_pod or record.destination.workload,
             namespace=record.destination.namespace or record.service_namespace,
             identity=record.destination.principal,
             address=record.destination_address,

@@ -71,19 +71,23 @@ async def serve_http1(stream: trio.abc.Stream, handler: Handler, limits: HttpLim
     not, h11 serves the connection.
     """
     server = _PlainServer(stream, limits, initial)
-    try:
-        with server.timer:
-            while True:
-                head = await server.receive_head()
-                if head is None:
-                    break
-                exchange = _PlainExchange(stream, server.buffer, head, limits)
-                if not await _serve_exchange(exchange, handler) or not await exchange.finish():
-                    return
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return  # the client went away mid-exchange
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.watch)
+        try:
+            with server.timer:
+                while True:
+                    head = await server.receive_head()
+                    if head is None:
+                        break
+                    exchange = _PlainExchange(stream, server.buffer, head, limits)
+                    if not await _serve_exchange(exchange, handler) or not await exchange.finish():
+                        return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the client went away mid-exchange
+        finally:
+            nursery.cancel_scope.cancel()
     if server.timer.cancelled_caught:
-        if server.waiting_for_head:
+        if server.head_since is not None:
             await _refuse(stream, h11.Connection(h11.SERVER), 408, f"request headers not received within {limits.header_timeout:g} s")
         return  # else an idle keep-alive connection
     if not server.client_closed:
@@ -107,16 +111,36 @@ async def _serve_exchange(exchange: _PlainExchange | _ServerExchange, handler: H
 
 
 class _PlainServer:
-    """Reads plain request heads; one cancel scope per connection times idleness and heads
-    (a scope entered per request cost more than the request's routing)."""
+    """Reads plain request heads, and times idleness between requests and heads that stall.
+
+    The timing is a watchdog task per connection that cancels `timer` at the deadline:
+    entering a cancel scope or moving its deadline per request cost more CPU than routing
+    the request."""
 
     def __init__(self, stream: trio.abc.Stream, limits: HttpLimits, initial: bytes) -> None:
         self._stream = stream
         self._limits = limits
         self.buffer = bytearray(initial)
         self.timer = trio.CancelScope()
-        self.waiting_for_head = False  # a head has started and the header timeout runs
+        self.idle_since: float | None = trio.current_time()  # waiting for a request since
+        self.head_since: float | None = None  # a head began arriving at (header timeout)
         self.client_closed = False
+
+    async def watch(self) -> None:
+        limits = self._limits
+        while True:
+            now = trio.current_time()
+            if self.head_since is not None:
+                deadline = self.head_since + limits.header_timeout
+            elif self.idle_since is not None:
+                deadline = self.idle_since + limits.idle_timeout
+            else:  # a request is being served: no deadline of ours
+                deadline = math.inf
+            if deadline <= now:
+                self.timer.cancel()
+                return
+            # A head may start while we sleep: look again within a header timeout.
+            await trio.sleep_until(min(deadline, now + limits.header_timeout))
 
     async def receive_head(self) -> http1_wire.RequestHead | None:
         """The next plain request head; None when the client closed between requests
@@ -124,25 +148,26 @@ class _PlainServer:
         buffer = self.buffer
         end = buffer.find(http1_wire.HEAD_END)
         if end < 0:
-            receive, timer = self._stream.receive_some, self.timer
+            receive = self._stream.receive_some
             if not buffer:
-                timer.deadline = trio.current_time() + self._limits.idle_timeout
+                self.idle_since = trio.current_time()
                 data = await receive(RECEIVE_SIZE)
+                self.idle_since = None
                 if not data:
                     self.client_closed = True
                     return None
                 buffer += data
-            timer.deadline = trio.current_time() + self._limits.header_timeout
-            self.waiting_for_head = True
             while (end := buffer.find(http1_wire.HEAD_END)) < 0:
+                if self.head_since is None:
+                    self.head_since = trio.current_time()
                 if len(buffer) > self._limits.max_header_bytes:
                     return None  # h11 answers 431
                 data = await receive(RECEIVE_SIZE)
                 if not data:
                     return None  # h11 sees a head cut short
                 buffer += data
-            self.waiting_for_head = False
-            timer.deadline = math.inf
+            self.head_since = None
+        self.idle_since = None
         size = end + len(http1_wire.HEAD_END)
         head = http1_wire.parse_request_head(bytes(buffer[:size])) if size <= self._limits.max_header_bytes else None
         if head is not None:

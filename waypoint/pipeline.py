@@ -33,6 +33,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -263,6 +264,15 @@ class _CountingBody:
 # --- one request ---
 
 
+@dataclass(frozen=True, slots=True)
+class _Peers:
+    """Both sides of requests between one client and one endpoint."""
+
+    source: PeerLabels
+    destination: PeerLabels
+    pods: tuple[str | None, str | None]  # the client's and the endpoint's pod names
+
+
 @dataclass(slots=True)
 class _Exchange:
     """The running record of one request (becomes its RequestRecord)."""
@@ -331,7 +341,7 @@ class Pipeline:
         self._rng = rng or random.Random()
         self._clusters: dict[str, ClusterState] = {}
         self._synced_version = -1
-        self._peer_labels_cache: dict[tuple[object, ...], tuple[PeerLabels, PeerLabels]] = {}
+        self._peers_cache: dict[tuple[object, ...], _Peers] = {}
 
     def cluster_state(self, name: str) -> ClusterState | None:
         return self._clusters.get(name)
@@ -360,15 +370,13 @@ class Pipeline:
         finally:
             self._record(exchange, snapshot, replay)
 
-    def _peer_labels(
-        self, snapshot: WaypointSnapshot, downstream: Downstream, endpoint: Endpoint | None
-    ) -> tuple[PeerLabels, PeerLabels]:
-        """The metric labels of both sides; the same few pairs recur, so they are kept per
-        snapshot (a request that began on an older snapshot computes its own)."""
+    def _peers(self, snapshot: WaypointSnapshot, downstream: Downstream, endpoint: Endpoint | None) -> _Peers:
+        """The metric labels and pod names of both sides; the same few pairs recur, so they
+        are kept per snapshot (a request that began on an older snapshot computes its own)."""
         key = (downstream.client_address[0], downstream.client_identity, endpoint)
         current = snapshot.version == self._synced_version
-        if current and (labels := self._peer_labels_cache.get(key)) is not None:
-            return labels
+        if current and (peers := self._peers_cache.get(key)) is not None:
+            return peers
         addresses = snapshot.addresses
         client = addresses.workload(downstream.client_address[0])
         source = PeerLabels(
@@ -380,6 +388,7 @@ class Pipeline:
             cluster=client.cluster_id if client else None,
         )
         destination = PeerLabels()
+        workload = None
         if endpoint is not None:
             workload = addresses.workload(endpoint.address)
             namespace, _, name = (endpoint.workload or "").partition("/")
@@ -391,9 +400,10 @@ class Pipeline:
                 canonical_revision=workload.canonical_revision if workload else None,
                 cluster=workload.cluster_id if workload else None,
             )
+        peers = _Peers(source, destination, (client.name if client else None, workload.name if workload else None))
         if current:
-            self._peer_labels_cache[key] = (source, destination)
-        return source, destination
+            self._peers_cache[key] = peers
+        return peers
 
     def _sync(self) -> WaypointSnapshot:
         """Bring per-cluster state up to the current snapshot (once per config change)."""
@@ -412,7 +422,7 @@ class Pipeline:
             states[name] = state
         self._clusters = states
         self._synced_version = snapshot.version
-        self._peer_labels_cache.clear()
+        self._peers_cache.clear()
         return snapshot
 
     async def _serve(
@@ -612,15 +622,14 @@ class Pipeline:
 
     def _record(self, exchange: _Exchange, snapshot: WaypointSnapshot, replay: _ReplayableBody) -> None:
         downstream, request = exchange.downstream, exchange.request
-        addresses = snapshot.addresses
         endpoint = exchange.endpoint
-        source, destination = self._peer_labels(snapshot, downstream, endpoint)
+        peers = self._peers(snapshot, downstream, endpoint)
         service_ref = exchange.cluster.config.service if exchange.cluster is not None else None
         service = downstream.service
         record = RequestRecord(
-            source=source,
+            source=peers.source,
             source_address=f"{downstream.client_address[0]}:{downstream.client_address[1]}",
-            destination=destination,
+            destination=peers.destination,
             destination_address=str(endpoint) if endpoint is not None else None,
             service_host=service_ref.host if service_ref else service.hostname,
             service_name=service_ref.name if service_ref else service.name,
@@ -645,5 +654,5 @@ class Pipeline:
         self._metrics.record(record)
         self._tracer.finish(exchange.hop, record, operation=f"{downstream.listener}/*", now_unix_nano=time.time_ns())
         if self._flows is not None:
-            self._flows.publish(request_flow(self._flows.proxy, record, exchange.authz, addresses))
+            self._flows.publish(partial(request_flow, self._flows.proxy, record, exchange.authz, peers.pods, time.time()))
 

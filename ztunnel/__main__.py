@@ -9,6 +9,7 @@ from pathlib import Path
 import trio
 
 from meshcore.log import LEVEL_NAMES, configure_logging
+from meshcore.process import prepare_for_serving
 from ztunnel.config import ConfigError, load_config
 
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ztunnel: {exc}", file=sys.stderr)
         return 2
+    prepare_for_serving()
     status = 0
     try:
         trio.run(ztunnel.run)

@@ -112,6 +112,26 @@ def test_the_ring_keeps_the_newest_events():
     assert [e.bytes_sent for e in flows.recent()] == [102, 103, 104]
 
 
+async def test_an_event_published_as_a_maker_is_made_only_when_read():
+    made: list[int] = []
+
+    def maker(n: int):
+        def make() -> FlowEvent:
+            made.append(n)
+            return event(n)
+
+        return make
+
+    flows = FlowBroadcaster("node-1")
+    flows.publish(maker(1))
+    assert made == []  # nobody follows: nothing is built on the data path
+    with flows.subscribe() as follower:
+        flows.publish(maker(2))
+        assert made == [2]  # a follower gets the event at once
+        assert await follower.receive() == event(2)
+    assert flows.recent() == (event(1), event(2))
+
+
 async def test_a_slow_subscriber_loses_events_and_is_told_how_many():
     flows = FlowBroadcaster("node-1", subscriber_queue=3)
     with flows.subscribe() as slow:
