@@ -587,8 +587,12 @@ class Http1ClientConnection:
     async def _send_plain(self, head: bytes, first: bytes, body: Body, length: int | None) -> None:
         send = self._stream.send_all
         if not first:
+            if length:
+                raise h11.LocalProtocolError("request body shorter than its Content-Length")
             await send(head)
             return
+        if length is not None and len(first) > length:
+            raise h11.LocalProtocolError("request body longer than its Content-Length")
         await send(head + (first if length is not None else http1_wire.chunk(first)))
         sent = len(first)
         while chunk := await body.read():
@@ -610,6 +614,8 @@ class Http1ClientConnection:
                 raise h11.RemoteProtocolError("upstream closed the connection before its response head ended", error_status_hint=502)
             buffer += data
         size = end + len(http1_wire.HEAD_END)
+        if size > self._max_header_bytes:
+            raise h11.RemoteProtocolError(f"response head larger than {self._max_header_bytes} bytes", error_status_hint=502)
         head = http1_wire.parse_response_head(bytes(buffer[:size]), head_request=request.method == "HEAD") if end >= 0 else None
         if head is None:
             # h11 takes over, told what was asked so that it frames the response the same.
@@ -634,7 +640,11 @@ class Http1ClientConnection:
         framing = list(headers)
         if first and not any(name == "content-length" for name, _ in headers):
             framing.append(("transfer-encoding", "chunked"))
-        await self._stream.send_all(conn.send(h11.Request(method=request.method, target=request.target, headers=framing)))
+        try:
+            message = h11.Request(method=request.method, target=request.target, headers=framing)
+        except UnicodeEncodeError as exc:  # h11 takes str as ASCII
+            raise h11.LocalProtocolError(f"request not sendable as HTTP/1.1: {exc}") from exc
+        await self._stream.send_all(conn.send(message))
         chunk = first
         while chunk:
             await self._stream.send_all(conn.send(h11.Data(data=chunk)))
@@ -667,7 +677,8 @@ class Http1ClientConnection:
                     if event.data:
                         return bytes(event.data)
                 elif isinstance(event, h11.EndOfMessage):
-                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    # Bytes past the response: the server is out of step, do not reuse.
+                    if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not conn.trailing_data[0]:
                         conn.start_next_cycle()
                         self._on_idle(self)
                     else:  # Connection: close, or an HTTP/1.0 peer

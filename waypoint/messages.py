@@ -120,6 +120,8 @@ def header_value(headers: Headers, name: str) -> str | None:
 
 def without_hop_by_hop(headers: Headers) -> Headers:
     """`headers` minus hop-by-hop ones, including those the Connection header names."""
+    if HOP_BY_HOP.isdisjoint([name for name, _ in headers]):
+        return headers  # the common case, on every message: nothing to take out
     named = {
         token.strip().lower()
         for name, value in headers

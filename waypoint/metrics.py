@@ -123,6 +123,8 @@ class WaypointMetrics:
 
 def format_flags(flags: list[str]) -> str:
     """Envoy's %RESPONSE_FLAGS%: the flags comma-joined in Envoy's order, "-" for none."""
+    if not flags:
+        return NO_FLAG
     present = {flag for flag in flags if flag != NO_FLAG}
     return ",".join(flag for flag in _FLAG_ORDER if flag in present) or NO_FLAG
 
