@@ -383,6 +383,24 @@ def test_authority_rewrite_and_per_destination_headers_convert() -> None:
             "virtual_hosts[0].routes[0].request_headers_to_add[0].header.key",
             "cannot be added or removed",
         ),
+        (
+            {
+                "match": {"prefix": "/"},
+                "route": {"cluster": V1},
+                "response_headers_to_add": [{"header": {"key": "x served", "value": "1"}}],
+            },
+            "virtual_hosts[0].routes[0].response_headers_to_add[0].header.key",
+            "not an HTTP token",
+        ),
+        (
+            {
+                "match": {"prefix": "/"},
+                "route": {"cluster": V1},
+                "request_headers_to_add": [{"header": {"key": "x-user", "value": "a\r\nx-admin: 1"}}],
+            },
+            "virtual_hosts[0].routes[0].request_headers_to_add[0].header.key",
+            "holds NUL, CR or LF",
+        ),
     ],
 )
 def test_invalid_routes_are_rejected_naming_the_field(

@@ -187,7 +187,17 @@ class HeaderToAdd:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", self.name.lower())
+        object.__setattr__(self, "value", self.value.strip(" \t"))  # as h2 and h11 would send it
         _check_mutable_header(self.name)
+        if _HEADER_NAME.fullmatch(self.name) is None:
+            raise ValueError(f"header name {self.name!r} is not an HTTP token")
+        if _FORBIDDEN_IN_VALUE.search(self.value) is not None:
+            raise ValueError(f"header {self.name} value holds NUL, CR or LF")
+
+
+# RFC 9110 field names, and what a field value may never hold (either would break framing).
+_HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9a-z]+")
+_FORBIDDEN_IN_VALUE = re.compile(r"[\x00\r\n]")
 
 
 def _check_mutable_header(name: str) -> None:
