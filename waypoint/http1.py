@@ -534,7 +534,8 @@ class Http1ClientConnection:
     """One upstream HTTP/1.1 connection carrying one request at a time.
 
     `on_idle(self)` is called when a response has been read to its end and the connection
-    can carry another request; otherwise the connection closes itself. Plain messages go
+    can carry another request; otherwise the connection closes itself; `on_close()` once it
+    has closed. Plain messages go
     without h11 (waypoint.http1_wire); from the first that is not, h11 runs the connection.
     """
 
@@ -544,8 +545,10 @@ class Http1ClientConnection:
         *,
         max_header_bytes: int = 64 * 1024,
         on_idle: Callable[[Http1ClientConnection], None] = lambda conn: None,
+        on_close: Callable[[], None] = lambda: None,
     ) -> None:
         self._stream = stream
+        self._on_close = on_close  # called once, when the connection has closed
         self._max_header_bytes = max_header_bytes
         self._conn: h11.Connection | None = None  # once h11 has taken over
         self._buffer = bytearray()  # received, not yet parsed (plain mode)
@@ -696,8 +699,11 @@ class Http1ClientConnection:
     async def aclose(self) -> None:
         if not self.closed:
             self.closed = True
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self._stream)
+            try:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(self._stream)
+            finally:
+                self._on_close()
 
 
 class _ClientResponseBody:

@@ -29,7 +29,6 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import h11
@@ -100,8 +99,9 @@ class _ClusterConnections:
 
     def signal(self) -> None:
         """A connection went idle or closed: pending requests look again."""
-        self.released.set()
-        self.released = trio.Event()
+        if self.limits.pending.count:  # each waiter holds a pending unit while it waits
+            self.released.set()
+            self.released = trio.Event()
 
 
 class Upstreams:
@@ -204,9 +204,10 @@ class Upstreams:
             connections.signal()
 
         return Http1ClientConnection(
-            _ClosingStream(stream, lambda: self._connection_closed(connections)),
+            stream,
             max_header_bytes=self._max_header_bytes,
             on_idle=on_idle,
+            on_close=lambda: self._connection_closed(connections),
         )
 
     def _make_room(self, connections: _ClusterConnections) -> bool:
@@ -379,31 +380,6 @@ class Upstreams:
                         elif now - since > self._idle_timeout:
                             await connection.aclose()
             seen = {c: v for c, v in seen.items() if not c.closed.is_set()}
-
-
-class _ClosingStream(trio.abc.Stream):
-    """A stream that reports its closing once (so the connection slot is released once)."""
-
-    def __init__(self, stream: trio.abc.Stream, on_close: Callable[[], None]) -> None:
-        self._stream = stream
-        self._on_close: Callable[[], None] | None = on_close
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._stream.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        on_close, self._on_close = self._on_close, None
-        try:
-            await self._stream.aclose()
-        finally:
-            if on_close is not None:
-                on_close()
 
 
 def _describe(cluster: ClusterConfig, endpoint: Endpoint) -> str:
