@@ -104,6 +104,7 @@ class _H2Peer:
         # Our own per-request check answers 431; this only stops HPACK bombs.
         self._h2.decoder.max_header_list_size = 4 * max_header_bytes
         self._streams: dict[int, _StreamState] = {}
+        self.quiet_since = trio.current_time()  # when the last stream ended (idle timeout)
         self._wakeup = trio.Event()
         self._dead = False
         self._finishing = False  # the writer sends what is queued, then returns
@@ -137,16 +138,9 @@ class _H2Peer:
         with trio.move_on_after(FLUSH_SECONDS):
             await writer_done.wait()
 
-    async def _read_transport(self, *, idle_timeout: float | None = None) -> list[h2.events.Event] | None:
-        """Events from the next read; None when the peer closed (or idled out)."""
-        if idle_timeout is not None and not self._streams:
-            with trio.move_on_after(idle_timeout) as idle:
-                data = await self._transport.receive_some(RECEIVE_SIZE)
-            if idle.cancelled_caught:
-                self._h2.close_connection()
-                return None
-        else:
-            data = await self._transport.receive_some(RECEIVE_SIZE)
+    async def _read_transport(self) -> list[h2.events.Event] | None:
+        """Events from the next read; None when the peer closed."""
+        data = await self._transport.receive_some(RECEIVE_SIZE)
         if not data:
             return None
         events = self._h2.receive_data(data)
@@ -269,6 +263,8 @@ class _H2Peer:
         self._reset(st, code)
         st.writable.set()
         self._streams.pop(st.stream_id, None)
+        if not self._streams:
+            self.quiet_since = trio.current_time()
         unread = sum(length for _, length in st.inbox)
         st.inbox.clear()
         if unread and not self._dead:
@@ -319,6 +315,7 @@ class _H2Server(_H2Peer):
         self._limits = limits
         self._premature_resets: deque[float] = deque()
         self._handlers: trio.Nursery | None = None
+        self._idle_timer = trio.CancelScope()
 
     async def run(self, initial: bytes) -> None:
         codes = h2.settings.SettingCodes
@@ -327,6 +324,7 @@ class _H2Server(_H2Peer):
         try:
             async with trio.open_nursery() as io:
                 io.start_soon(self._guarded_writer, io.cancel_scope, writer_done)
+                io.start_soon(self._watch_idle)
                 async with trio.open_nursery() as handlers:
                     self._handlers = handlers
                     try:
@@ -357,12 +355,26 @@ class _H2Server(_H2Peer):
         if initial:
             self._handle(self._h2.receive_data(initial))
             self._wake()
-        while not self._dead:
-            events = await self._read_transport(idle_timeout=self._limits.idle_timeout)
-            if events is None:
+        with self._idle_timer:
+            while not self._dead:
+                events = await self._read_transport()
+                if events is None:
+                    return
+                if not self._handle(events):
+                    return
+        self._h2.close_connection()  # idled out: GOAWAY
+
+    async def _watch_idle(self) -> None:
+        """Ends the reader once the connection had no stream for `idle_timeout` (a watchdog,
+        because a cancel scope per read cost more than a tenth of a request)."""
+        timeout = self._limits.idle_timeout
+        while True:
+            now = trio.current_time()
+            deadline = now + timeout if self._streams else self.quiet_since + timeout
+            if deadline <= now:
+                self._idle_timer.cancel()
                 return
-            if not self._handle(events):
-                return
+            await trio.sleep_until(deadline)
 
     def _handle(self, events: list[h2.events.Event]) -> bool:
         """Dispatch events; False once the connection should end."""

@@ -8,6 +8,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import pytest
 import trio
 import trio.testing
 
@@ -237,3 +238,52 @@ async def test_client_reset_cancels_only_that_streams_handler():
         await trio.testing.wait_all_tasks_blocked()
         assert cancelled == ["/slow"]
         nursery.cancel_scope.cancel()
+
+
+async def _until_goaway(raw: RawClient) -> float:
+    """When (trio time) the server ended the connection: GOAWAY, or the stream closing."""
+    while True:
+        for event in await raw.events():
+            if event is None or isinstance(event, h2.events.ConnectionTerminated):
+                return trio.current_time()
+
+
+async def test_a_connection_without_streams_is_closed_after_the_idle_timeout(autojump_clock):
+    limits = HttpLimits(idle_timeout=30.0)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_http2, server_stream, handler, limits)
+        raw = RawClient(client_stream)
+        raw.start("/")
+        await raw.flush()
+        ended = False
+        while not ended:  # the response, then nothing: the idle time starts there
+            ended = any(isinstance(event, h2.events.StreamEnded) for event in await raw.events())
+        answered = trio.current_time()
+        await trio.sleep(20)  # a second request within the timeout starts it again
+        raw.start("/")
+        await raw.flush()
+        again = trio.current_time()
+        closed = await _until_goaway(raw)
+        nursery.cancel_scope.cancel()
+    assert answered < again
+    assert closed - again == pytest.approx(limits.idle_timeout, abs=0.5)
+
+
+async def test_a_connection_with_a_stream_open_outlives_the_idle_timeout(autojump_clock):
+    limits = HttpLimits(idle_timeout=30.0)
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_http2, server_stream, handler, limits)
+        raw = RawClient(client_stream)
+        slow = raw.start("/slow")  # the handler never answers
+        await raw.flush()
+        with trio.move_on_after(100) as waited:
+            await _until_goaway(raw)
+        assert waited.cancelled_caught, "the connection was closed while a stream was open"
+        raw.h2.reset_stream(slow, h2.errors.ErrorCodes.CANCEL)  # now nothing is open
+        await raw.flush()
+        reset_at = trio.current_time()
+        closed = await _until_goaway(raw)
+        nursery.cancel_scope.cancel()
+    assert closed - reset_at == pytest.approx(limits.idle_timeout, abs=0.5)
