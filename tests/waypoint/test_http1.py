@@ -238,6 +238,18 @@ class PiecesBody:
         self._pieces.clear()
 
 
+async def ask(handler, raw: bytes, methods: list[bytes]) -> tuple[list[tuple[int, dict, bytes]], bytes, bool]:
+    """Send `raw` to a server running `handler`, then read_responses for `methods`."""
+    client, server = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_then_close, server, handler)
+            await client.send_all(raw)
+            answer = await read_responses(client, methods)
+            nursery.cancel_scope.cancel()
+    return answer
+
+
 async def read_responses(stream, methods: list[bytes]) -> tuple[list[tuple[int, dict, bytes]], bytes, bool]:
     """One (status, headers, body) per method as h11 reads them, stopping early if the server
     closes; also every byte received and whether the server closed."""
@@ -395,13 +407,8 @@ async def test_head_request_gets_the_head_only(length):
         headers = (("content-length", length),) if length else ()
         await respond(Response(200, headers, BufferedBody(b"hello world")))
 
-    client, server = trio.testing.memory_stream_pair()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_then_close, server, handler)
-            await client.send_all(b"HEAD / HTTP/1.1\r\nHost: svc\r\n\r\nGET / HTTP/1.1\r\nHost: svc\r\n\r\n")
-            responses, received, closed = await read_responses(client, [b"HEAD", b"GET"])
-            nursery.cancel_scope.cancel()
+    raw = b"HEAD / HTTP/1.1\r\nHost: svc\r\n\r\nGET / HTTP/1.1\r\nHost: svc\r\n\r\n"
+    responses, received, closed = await ask(handler, raw, [b"HEAD", b"GET"])
     assert [(status, body) for status, _, body in responses] == [(200, b""), (200, b"hello world")]
     assert received.count(b"hello world") == 1
     assert not closed
@@ -411,13 +418,8 @@ async def test_204_from_the_handler_is_sent_bodiless_and_keeps_the_connection():
     async def handler(request, respond):
         await respond(Response(204, (), BufferedBody()))
 
-    client, server = trio.testing.memory_stream_pair()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_then_close, server, handler)
-            await client.send_all(b"DELETE /a HTTP/1.1\r\nHost: svc\r\n\r\nDELETE /b HTTP/1.1\r\nHost: svc\r\n\r\n")
-            responses, received, closed = await read_responses(client, [b"DELETE", b"DELETE"])
-            nursery.cancel_scope.cancel()
+    raw = b"DELETE /a HTTP/1.1\r\nHost: svc\r\n\r\nDELETE /b HTTP/1.1\r\nHost: svc\r\n\r\n"
+    responses, received, closed = await ask(handler, raw, [b"DELETE", b"DELETE"])
     assert [status for status, _, _ in responses] == [204, 204]
     assert b"transfer-encoding" not in received.lower()
     assert not closed
