@@ -362,7 +362,8 @@ class _H2Server(_H2Peer):
                     return
                 if not self._handle(events):
                     return
-        self._h2.close_connection()  # idled out: GOAWAY
+        if self._idle_timer.cancelled_caught:
+            self._h2.close_connection()  # idled out: GOAWAY
 
     async def _watch_idle(self) -> None:
         """Ends the reader once the connection had no stream for `idle_timeout` (a watchdog,

@@ -60,6 +60,8 @@ from waypoint.upstream import UpstreamError, Upstreams
 _log = get_logger("pipeline")
 
 _RESET_BEFORE_HEADERS = "upstream connect error or disconnect/reset before headers. reset reason: "
+# Client/endpoint pairs whose metric labels are kept between config changes.
+_PEERS_CACHE_ENTRIES = 10_000
 # Envoy's Grpc::Utility::httpToGrpcStatus, for replies the waypoint makes itself.
 _GRPC_STATUS_FOR_HTTP = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
 
@@ -402,6 +404,8 @@ class Pipeline:
             )
         peers = _Peers(source, destination, (client.name if client else None, workload.name if workload else None))
         if current:
+            if len(self._peers_cache) >= _PEERS_CACHE_ENTRIES:
+                self._peers_cache.clear()  # a bound for huge meshes; the recurring pairs come back
             self._peers_cache[key] = peers
         return peers
 
