@@ -534,9 +534,9 @@ class Http1ClientConnection:
     """One upstream HTTP/1.1 connection carrying one request at a time.
 
     `on_idle(self)` is called when a response has been read to its end and the connection
-    can carry another request; otherwise the connection closes itself; `on_close()` once it
-    has closed. Plain messages go
-    without h11 (waypoint.http1_wire); from the first that is not, h11 runs the connection.
+    can carry another request; otherwise the connection closes itself, and `on_close()` is
+    called once it has. Plain messages go without h11 (waypoint.http1_wire); from the first
+    that is not, h11 runs the connection.
     """
 
     def __init__(
