@@ -1,4 +1,8 @@
-"""waypoint/http1: HTTP/1.1 inside a tunnel, with h11 - the downstream server and the upstream client.
+"""waypoint/http1: HTTP/1.1 inside a tunnel - the downstream server and the upstream client.
+
+Plain messages (waypoint.http1_wire: HTTP/1.1, Content-Length or no body, nothing unusual)
+are parsed and written here; a connection goes over to h11 for good at its first message
+that is not plain, so every oddity and error is answered by h11 as before.
 
 Server (after h11's examples/trio-server.py): one request at a time per connection,
 keep-alive between them. `handler(request, respond)` gets each request with a streaming body
