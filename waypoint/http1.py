@@ -161,11 +161,13 @@ class _PlainServer:
                     self.client_closed = True
                     return None
                 buffer += data
-            while (end := buffer.find(http1_wire.HEAD_END)) < 0:
+            searched = 0  # a head trickling in byte by byte is searched once, not again per byte
+            while (end := buffer.find(http1_wire.HEAD_END, searched)) < 0:
                 if self.head_since is None:
                     self.head_since = trio.current_time()
                 if len(buffer) > self._limits.max_header_bytes:
                     return None  # h11 answers 431
+                searched = max(0, len(buffer) - len(http1_wire.HEAD_END) + 1)
                 data = await receive(RECEIVE_SIZE)
                 if not data:
                     return None  # h11 sees a head cut short
@@ -615,7 +617,9 @@ class Http1ClientConnection:
     async def _receive_plain(self, request: Request) -> Response | None:
         """The response, once its head arrived; None when h11 has to read it."""
         buffer = self._buffer
-        while (end := buffer.find(http1_wire.HEAD_END)) < 0 and len(buffer) <= self._max_header_bytes:
+        searched = 0
+        while (end := buffer.find(http1_wire.HEAD_END, searched)) < 0 and len(buffer) <= self._max_header_bytes:
+            searched = max(0, len(buffer) - len(http1_wire.HEAD_END) + 1)
             data = await self._stream.receive_some(RECEIVE_SIZE)
             if not data:
                 raise h11.RemoteProtocolError("upstream closed the connection before its response head ended", error_status_hint=502)

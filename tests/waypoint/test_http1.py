@@ -779,3 +779,29 @@ async def test_a_head_trickling_in_after_a_served_request_gets_408_a_header_time
         nursery.cancel_scope.cancel()
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert elapsed == pytest.approx(LIMITS.header_timeout, abs=0.6)
+
+
+async def test_heads_arriving_byte_by_byte_are_found_where_their_end_straddles_two_reads():
+    raw = b"GET /slow HTTP/1.1\r\nHost: svc\r\n\r\n"
+    client, server = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_then_close, server, echo)
+            for byte in raw:
+                await client.send_all(bytes([byte]))
+                await trio.testing.wait_all_tasks_blocked()
+            responses, _, _ = await read_responses(client, [b"GET"])
+            nursery.cancel_scope.cancel()
+    assert [(status, body) for status, _, body in responses] == [(200, b"GET svc /slow - ")]
+
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    client_stream, peer = trio.testing.memory_stream_pair()
+    idle: list = []
+    connection = Http1ClientConnection(client_stream, on_idle=idle.append)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer, peer, [[bytes([byte]) for byte in reply]], [])
+            response = await connection.send(get())
+            assert (response.status, await read_body(response.body)) == (200, b"ok")
+            nursery.cancel_scope.cancel()
+    assert idle == [connection]
