@@ -28,6 +28,13 @@ class ControlPlane:
     token_path: Path
     root_cert_path: Path | None = None
 
+    def token(self) -> str:
+        """The bearer token, re-read on every use so a rotated file takes effect."""
+        try:
+            return self.token_path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"controlPlane.tokenFile: cannot read {self.token_path}: {exc.strerror}") from exc
+
 
 def load_yaml_file(path: Path) -> Any:
     try:

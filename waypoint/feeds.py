@@ -20,7 +20,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-import grpc
 import prometheus_client
 import trio
 from envoy.config.core.v3 import base_pb2
@@ -30,7 +29,7 @@ from google.protobuf.message import DecodeError, Message
 from meshcore._gen import workload_pb2
 from meshcore.identity.spiffe import Identity, InvalidIdentity
 from meshcore.log import get_logger
-from meshcore.xds.client import DeltaXdsClient
+from meshcore.xds.client import control_plane_client
 from meshcore.xds.types import ADDRESS_TYPE_URL, CLUSTER_TYPE_URL, ENDPOINT_TYPE_URL, LISTENER_TYPE_URL, ROUTE_TYPE_URL
 from waypoint.config.from_xds import (
     XdsConversionError,
@@ -40,7 +39,7 @@ from waypoint.config.from_xds import (
     route_config_from_xds,
 )
 from waypoint.config.model import ClusterConfig, ClusterEndpoints, ListenerConfig, RouteConfig, RouteTable
-from waypoint.settings import ConfigError, ControlPlane, WaypointSettings
+from waypoint.settings import ControlPlane, WaypointSettings
 
 _log = get_logger("feeds")
 
@@ -272,7 +271,6 @@ class XdsFeed:
         store: WaypointStore,
         registry: prometheus_client.CollectorRegistry,
     ) -> None:
-        self._control_plane = control_plane
         metadata = struct_pb2.Struct()
         metadata.update(
             {
@@ -283,29 +281,16 @@ class XdsFeed:
             }
         )
         self.handler = XdsWaypointHandler(store)
-        self._client = DeltaXdsClient(
-            control_plane.address,
+        self._client = control_plane_client(
+            control_plane,
             node=base_pb2.Node(
                 id=settings.node_id,
                 metadata=metadata,
             ),
             type_urls=WAYPOINT_TYPE_URLS,
             handler=self.handler,
-            channel_credentials=(
-                grpc.ssl_channel_credentials(root_certificates=control_plane.root_cert_path.read_bytes())
-                if control_plane.root_cert_path
-                else None
-            ),
-            metadata=lambda: (("authorization", f"Bearer {self.token()}"),),
             registry=registry,
         )
-
-    def token(self) -> str:
-        """The bearer token, re-read on every use so a rotated file takes effect."""
-        try:
-            return self._control_plane.token_path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"controlPlane.tokenFile: cannot read {self._control_plane.token_path}: {exc.strerror}") from exc
 
     async def wait_synced(self) -> None:
         await self._client.wait_synced()

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 import prometheus_client
 import trio
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import struct_pb2
 
 from meshcore.log import get_logger
-from meshcore.xds.client import DeltaXdsClient
+from meshcore.xds.client import control_plane_client
 from meshcore.xds.types import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL
 from ztunnel.config import ConfigError, ControlPlane
 from ztunnel.state.localconfig import LocalConfigError, load_local_config
@@ -79,32 +78,18 @@ class XdsFeed:
         store: StateStore,
         registry: prometheus_client.CollectorRegistry,
     ) -> None:
-        self._control_plane = control_plane
         metadata = struct_pb2.Struct()
         metadata.update({"NAME": f"ztunnel-{node}", "NAMESPACE": "istio-system", "INSTANCE_IPS": address, "NODE_NAME": node})
-        self._client = DeltaXdsClient(
-            control_plane.address,
+        self._client = control_plane_client(
+            control_plane,
             node=base_pb2.Node(
                 id=f"ztunnel~{address}~ztunnel-{node}.istio-system~istio-system.svc.cluster.local",
                 metadata=metadata,
             ),
             type_urls=(ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL),
             handler=XdsStateHandler(store),
-            channel_credentials=(
-                grpc.ssl_channel_credentials(root_certificates=control_plane.root_cert_path.read_bytes())
-                if control_plane.root_cert_path
-                else None
-            ),
-            metadata=lambda: (("authorization", f"Bearer {self.token()}"),),
             registry=registry,
         )
-
-    def token(self) -> str:
-        """The node's bearer token, re-read on every use so a rotated file takes effect."""
-        try:
-            return self._control_plane.token_path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"controlPlane.tokenFile: cannot read {self._control_plane.token_path}: {exc.strerror}") from exc
 
     async def wait_synced(self) -> None:
         await self._client.wait_synced()

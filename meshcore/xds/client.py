@@ -42,6 +42,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, status_pb2
 
+from meshcore.config import ControlPlane
 from meshcore.log import get_logger
 from meshcore.xds.grpc_bridge import BidiStream, RpcStatusError, open_bidi_stream
 
@@ -260,3 +261,25 @@ class DeltaXdsClient:
                 error=detail,
             )
         return request
+
+
+def control_plane_client(
+    control_plane: ControlPlane,
+    *,
+    node: base_pb2.Node,
+    type_urls: Sequence[str],
+    handler: XdsHandler,
+    registry: prometheus_client.CollectorRegistry | None = None,
+) -> DeltaXdsClient:
+    """A client of istiod_lite as `control_plane` names it: TLS trusting its root when one is
+    given, and the bearer token read anew for every connection."""
+    root = control_plane.root_cert_path
+    return DeltaXdsClient(
+        control_plane.address,
+        node=node,
+        type_urls=type_urls,
+        handler=handler,
+        channel_credentials=grpc.ssl_channel_credentials(root_certificates=root.read_bytes()) if root else None,
+        metadata=lambda: (("authorization", f"Bearer {control_plane.token()}"),),
+        registry=registry,
+    )
