@@ -77,7 +77,7 @@ class Waypoint:
             if certificate_provider is None:
                 root = settings.control_plane.root_cert_path
                 certificate_provider = RemoteCaProvider(
-                    settings.control_plane.address, root_pem=root.read_bytes() if root else None, token=self.feed.token
+                    settings.control_plane.address, root_pem=root.read_bytes() if root else None, token=settings.control_plane.token
                 )
         self.certificates = CertificateManager(certificate_provider)
         self.metrics = WaypointMetrics(self.registry)

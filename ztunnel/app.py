@@ -90,7 +90,7 @@ class Ztunnel:
             self.feed = XdsFeed(config.source, node=config.node, address=config.address, store=self.state, registry=self.registry)
             root = config.source.root_cert_path
             provider = RemoteCaProvider(
-                config.source.address, root_pem=root.read_bytes() if root else None, token=self.feed.token
+                config.source.address, root_pem=root.read_bytes() if root else None, token=config.source.token
             )
         self.certificates = CertificateManager(provider)
         outbound_dial = None
