@@ -154,6 +154,18 @@ class _FromThread(Generic[ReceiveT]):
 _CLOSED = object()
 
 
+class _Handoff:
+    """One message on its way to the grpc thread. `taken` is set on that thread itself, before
+    trio hears of it, so a call ending right after cannot make a delivered message look lost."""
+
+    __slots__ = ("message", "taken", "done")
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+        self.taken = False
+        self.done = trio.Event()
+
+
 class _ToThread(Generic[SendT]):
     """trio -> the grpc thread that consumes `messages()`: one message in flight at a time."""
 
@@ -163,7 +175,7 @@ class _ToThread(Generic[SendT]):
         self._token = token
         self._until_written = until_written
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._in_flight: trio.Event | None = None
+        self._in_flight: _Handoff | None = None
         self._broken = False  # the grpc thread stopped taking messages
         self._closed = False
 
@@ -173,13 +185,13 @@ class _ToThread(Generic[SendT]):
         """Returns once grpc took (or wrote) the message."""
         if self._broken or self._closed:
             raise trio.BrokenResourceError("the grpc side of this stream is gone")
-        written = self._in_flight = trio.Event()
-        self._queue.put((message, written))
+        handoff = self._in_flight = _Handoff(message)
+        self._queue.put(handoff)
         try:
-            await written.wait()
+            await handoff.done.wait()
         finally:
             self._in_flight = None
-        if self._broken:
+        if not handoff.taken:
             raise trio.BrokenResourceError("the grpc side of this stream is gone")
 
     def close(self) -> None:
@@ -189,27 +201,31 @@ class _ToThread(Generic[SendT]):
             self._queue.put(_CLOSED)
 
     def mark_gone(self) -> None:
-        """The grpc side stopped taking messages: a waiting `send` fails, as do later ones."""
+        """The grpc side stopped taking messages: a waiting `send` whose message it did not
+        take fails, as do later ones."""
         self._broken = True
         if self._in_flight is not None:
-            self._in_flight.set()
+            self._in_flight.done.set()
 
     # grpc thread
 
     def messages(self) -> Iterator[SendT]:
         """The blocking iterator a grpc thread consumes."""
-        written: trio.Event | None = None
+        given: _Handoff | None = None  # until_written: yielded, written once grpc is back
         while True:
-            if written is not None and not _run_in_trio(self._token, written.set):
-                return
+            if given is not None:
+                given.taken = True
+                if not _run_in_trio(self._token, given.done.set):
+                    return
             item = self._queue.get()
             if item is _CLOSED:
                 return
-            message, written = item
+            given = item
             if not self._until_written:
-                _run_in_trio(self._token, written.set)
-                written = None
-            yield message
+                given.taken = True
+                _run_in_trio(self._token, given.done.set)
+                given = None
+            yield item.message
 
 
 class BidiStream(Generic[SendT, ReceiveT]):
