@@ -1,6 +1,7 @@
-"""waypoint/http2: HTTP/2 (and gRPC) inside a tunnel, with h2 - the downstream server and the upstream client.
+"""waypoint/http2: HTTP/2 (and gRPC) inside a tunnel - the downstream server (its protocol
+state in `waypoint/http2_wire.py`) and the upstream client (on h2).
 
-Both ends share `_H2Peer`: one reader task feeds received bytes to the h2 state machine and
+Both ends share `_H2Peer`: one reader task feeds received bytes to the protocol state and
 hands events to per-stream state; one writer task is the only one that writes the transport,
 woken whenever a stream queued frames (so a cancelled request can never leave half a frame
 behind). Bodies flow both ways under HTTP/2 flow control: received DATA is acknowledged only
@@ -36,10 +37,10 @@ import trio
 
 from meshcore.log import get_logger
 from waypoint.http1 import Handler
+from waypoint.http2_wire import H2ServerConnection
 from waypoint.messages import Body, BodyError, Headers, Request, Response, local_reply, without_hop_by_hop
 from waypoint.settings import HttpLimits
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 RECEIVE_SIZE = 64 * 1024
 # Generous windows: a Python proxy pays per frame, so fewer WINDOW_UPDATE round trips matter.
 STREAM_WINDOW = 1024 * 1024
@@ -65,6 +66,10 @@ class StreamResetError(trio.BrokenResourceError):
         return self.code == h2.errors.ErrorCodes.REFUSED_STREAM
 
 
+_NOBODY_WAITING = trio.Event()
+_NOBODY_WAITING.set()
+
+
 class _StreamState:
     """What one HTTP/2 stream has received, and the events its reader/sender wait on."""
 
@@ -76,10 +81,11 @@ class _StreamState:
         self.ended = False
         self.reset_code: int | None = None
         self.trailers: Headers = ()
-        self.headers: list[tuple[bytes, bytes]] | None = None  # the response head (client side)
+        self.headers: list[tuple[str, str]] | None = None  # the response head (client side)
         self.received = 0
-        self.readable = trio.Event()
-        self.writable = trio.Event()
+        # Waiters put a fresh event here before they wait; until then setting it is a no-op.
+        self.readable = _NOBODY_WAITING
+        self.writable = _NOBODY_WAITING
         self.response_complete = False
         self.scope: trio.CancelScope | None = None
 
@@ -87,34 +93,15 @@ class _StreamState:
 class _H2Peer:
     """The reader/writer machinery both ends share; subclasses handle stream events."""
 
-    def __init__(self, transport: trio.abc.Stream, *, client_side: bool, max_header_bytes: int) -> None:
+    def __init__(self, transport: trio.abc.Stream, protocol: h2.connection.H2Connection | H2ServerConnection) -> None:
         self._transport = transport
-        self._h2 = h2.connection.H2Connection(
-            # What we send is valid by construction (lower-case names from parsed messages and
-            # checked config, hop-by-hop headers removed): h2's own checks of it cost a
-            # tenth of a request. What peers send is still checked.
-            h2.config.H2Configuration(
-                client_side=client_side,
-                header_encoding=None,
-                validate_inbound_headers=True,
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
-        # Our own per-request check answers 431; this only stops HPACK bombs.
-        self._h2.decoder.max_header_list_size = 4 * max_header_bytes
+        self._h2 = protocol
         self._streams: dict[int, _StreamState] = {}
         self.quiet_since = trio.current_time()  # when the last stream ended (idle timeout)
         self._wakeup = trio.Event()
         self._dead = False
         self._finishing = False  # the writer sends what is queued, then returns
         self.closed = trio.Event()
-
-    def _start(self, settings: dict[int, int]) -> None:
-        self._h2.initiate_connection()
-        self._h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, **settings})
-        self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        self._wake()
 
     def _wake(self) -> None:
         self._wakeup.set()
@@ -139,13 +126,12 @@ class _H2Peer:
             await writer_done.wait()
 
     async def _read_transport(self) -> list[h2.events.Event] | None:
-        """Events from the next read; None when the peer closed."""
+        """Events from the next read; None when the peer closed. The caller wakes the
+        writer if receiving queued frames (acks, window updates)."""
         data = await self._transport.receive_some(RECEIVE_SIZE)
         if not data:
             return None
-        events = self._h2.receive_data(data)
-        self._wake()
-        return events
+        return self._h2.receive_data(data)
 
     def _dispatch_common(self, event: h2.events.Event) -> bool:
         """Handle the events both sides treat alike; False if `event` is not one of them."""
@@ -163,7 +149,7 @@ class _H2Peer:
         elif isinstance(event, h2.events.TrailersReceived):
             st = self._streams.get(event.stream_id)
             if st is not None:
-                st.trailers = _decode(event.headers)
+                st.trailers = tuple(event.headers)
             if event.stream_ended is not None:
                 self._on_end(event.stream_id)
         elif isinstance(event, h2.events.WindowUpdated):
@@ -227,7 +213,7 @@ class _H2Peer:
             self._h2.send_data(st.stream_id, view[:size].tobytes())
             view = view[size:]
             self._wake()
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def _send_body(self, st: _StreamState, body: Body) -> None:
         """Stream `body` out and end the stream (with trailers if it has any)."""
@@ -248,7 +234,7 @@ class _H2Peer:
 
     def _reset(self, st: _StreamState, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         """Reset a stream we give up on, unless it is already closed."""
-        if st.reset_code is None and not self._dead:
+        if st.reset_code is None and not self._dead and not (st.ended and st.response_complete):
             try:
                 self._h2.reset_stream(st.stream_id, code)
             except h2.exceptions.StreamClosedError:
@@ -310,7 +296,14 @@ async def serve_http2(transport: trio.abc.Stream, handler: Handler, limits: Http
 
 class _H2Server(_H2Peer):
     def __init__(self, transport: trio.abc.Stream, handler: Handler, limits: HttpLimits) -> None:
-        super().__init__(transport, client_side=False, max_header_bytes=limits.max_header_bytes)
+        protocol = H2ServerConnection(
+            max_concurrent_streams=limits.max_concurrent_streams,
+            stream_window=STREAM_WINDOW,
+            connection_window=CONNECTION_WINDOW,
+            # Our own per-request check answers 431; this only stops HPACK bombs.
+            max_header_list_size=4 * limits.max_header_bytes,
+        )
+        super().__init__(transport, protocol)
         self._handler = handler
         self._limits = limits
         self._premature_resets: deque[float] = deque()
@@ -318,8 +311,8 @@ class _H2Server(_H2Peer):
         self._idle_timer = trio.CancelScope()
 
     async def run(self, initial: bytes) -> None:
-        codes = h2.settings.SettingCodes
-        self._start({codes.MAX_CONCURRENT_STREAMS: self._limits.max_concurrent_streams, codes.ENABLE_PUSH: 0})
+        self._h2.initiate_connection()
+        self._wake()
         writer_done = trio.Event()
         try:
             async with trio.open_nursery() as io:
@@ -360,6 +353,8 @@ class _H2Server(_H2Peer):
                 events = await self._read_transport()
                 if events is None:
                     return
+                if self._h2.output_pending:
+                    self._wake()
                 if not self._handle(events):
                     return
         if self._idle_timer.cancelled_caught:
@@ -405,10 +400,10 @@ class _H2Server(_H2Peer):
         assert self._handlers is not None
         self._handlers.start_soon(self._serve_stream, st, request)
 
-    def _request(self, st: _StreamState, raw: list[tuple[bytes, bytes]]) -> Request | None:
+    def _request(self, st: _StreamState, fields: Headers) -> Request | None:
         pseudo: dict[str, str] = {}
         headers: list[tuple[str, str]] = []
-        for name, value in _decode(raw):
+        for name, value in fields:
             if name.startswith(":"):
                 pseudo[name] = value
             elif name == "host":
@@ -431,7 +426,7 @@ class _H2Server(_H2Peer):
         _log.info("http2 request refused", stream=st.stream_id, status=status, reason=reason)
         body = f"{reason}\n".encode()
         headers = ((":status", str(status)), ("content-type", "text/plain"), ("content-length", str(len(body))))
-        self._h2.send_headers(st.stream_id, _encode(headers))
+        self._h2.send_headers(st.stream_id, headers)
         self._h2.send_data(st.stream_id, body, end_stream=True)
         st.response_complete = True
         self._release(st, h2.errors.ErrorCodes.NO_ERROR)
@@ -456,10 +451,10 @@ class _H2Server(_H2Peer):
                     while await response.body.read():
                         pass
                     self._check_sendable(st)
-                    self._h2.send_headers(st.stream_id, _encode(headers), end_stream=True)
+                    self._h2.send_headers(st.stream_id, headers, end_stream=True)
                     self._wake()
                 else:
-                    self._h2.send_headers(st.stream_id, _encode(headers))
+                    self._h2.send_headers(st.stream_id, headers)
                     self._wake()
                     await self._send_body(st, response.body)
             except BodyError:
@@ -512,7 +507,21 @@ class Http2ClientConnection(_H2Peer):
     """One upstream HTTP/2 connection multiplexing requests; run `run()` in a nursery."""
 
     def __init__(self, transport: trio.abc.Stream, *, max_requests: int | None = None, max_header_bytes: int = 64 * 1024) -> None:
-        super().__init__(transport, client_side=True, max_header_bytes=max_header_bytes)
+        protocol = h2.connection.H2Connection(
+            # What we send is valid by construction (lower-case names from parsed messages and
+            # checked config, hop-by-hop headers removed): h2's own checks of it cost a
+            # tenth of a request. What peers send is still checked.
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding="latin-1",
+                validate_inbound_headers=True,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
+        # Our own per-request check answers 431; this only stops HPACK bombs.
+        protocol.decoder.max_header_list_size = 4 * max_header_bytes
+        super().__init__(transport, protocol)
         self._max_requests = max_requests
         self._nursery: trio.Nursery | None = None
         self.requests_sent = 0
@@ -533,7 +542,11 @@ class Http2ClientConnection(_H2Peer):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the connection until it closes; never raises for connection failures."""
-        self._start({h2.settings.SettingCodes.ENABLE_PUSH: 0})
+        self._h2.initiate_connection()
+        codes = h2.settings.SettingCodes
+        self._h2.update_settings({codes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, codes.ENABLE_PUSH: 0})
+        self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._wake()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -560,6 +573,7 @@ class Http2ClientConnection(_H2Peer):
             events = await self._read_transport()
             if events is None:
                 return
+            self._wake()
             for event in events:
                 if isinstance(event, h2.events.ResponseReceived):
                     st = self._streams.get(event.stream_id)
@@ -619,7 +633,7 @@ class Http2ClientConnection(_H2Peer):
             raise
         status = 0
         response_headers: list[tuple[str, str]] = []
-        for name, value in _decode(st.headers):
+        for name, value in st.headers:
             if name == ":status":
                 status = int(value)
             elif not name.startswith(":"):
@@ -657,10 +671,6 @@ class _ClientBody(_StreamBody):
     async def aclose(self) -> None:
         self._peer._release(self._st)
         await trio.lowlevel.checkpoint()
-
-
-def _decode(headers: list[tuple[bytes, bytes]]) -> Headers:
-    return tuple((n.decode("latin-1"), v.decode("latin-1")) for n, v in headers)
 
 
 def _encode(headers) -> list[tuple[bytes, bytes]]:  # type: ignore[no-untyped-def]

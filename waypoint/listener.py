@@ -32,7 +32,8 @@ from meshcore.tls.errors import TlsError
 from waypoint.config.model import listener_name
 from waypoint.feeds import WaypointStore
 from waypoint.http1 import serve_http1
-from waypoint.http2 import PREFACE, serve_http2
+from waypoint.http2 import serve_http2
+from waypoint.http2_wire import PREFACE
 from waypoint.pipeline import Downstream, Pipeline
 from waypoint.settings import HttpLimits
 
