@@ -33,6 +33,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import outcome
 import trio
 
 from meshcore.log import get_logger
@@ -45,6 +46,8 @@ RECEIVE_SIZE = 64 * 1024
 # Generous windows: a Python proxy pays per frame, so fewer WINDOW_UPDATE round trips matter.
 STREAM_WINDOW = 1024 * 1024
 CONNECTION_WINDOW = 16 * 1024 * 1024
+# Stream workers kept waiting per connection after a burst of concurrent streams.
+MAX_IDLE_WORKERS = 16
 # Downstream GOAWAY/flush on the way out must not hang on a peer that stopped reading.
 FLUSH_SECONDS = 1.0
 
@@ -308,6 +311,7 @@ class _H2Server(_H2Peer):
         self._limits = limits
         self._premature_resets: deque[float] = deque()
         self._handlers: trio.Nursery | None = None
+        self._idle_workers: list[trio.lowlevel.Task] = []  # waiting in `_next_stream`
         self._idle_timer = trio.CancelScope()
 
     async def run(self, initial: bytes) -> None:
@@ -397,8 +401,41 @@ class _H2Server(_H2Peer):
         if request is None:
             self._refuse(st, 400, "bad request: missing :method, :path or :authority")
             return
-        assert self._handlers is not None
-        self._handlers.start_soon(self._serve_stream, st, request)
+        if self._idle_workers:
+            trio.lowlevel.reschedule(self._idle_workers.pop(), outcome.Value((st, request)))
+        else:
+            assert self._handlers is not None
+            self._handlers.start_soon(self._worker, st, request)
+
+    async def _worker(self, st: _StreamState, request: Request) -> None:
+        """Serve streams one after another, each in the worker's cancel scope, which a reset
+        of that stream cancels (the worker then opens a new one): a task and a scope per
+        stream cost a tenth of a request."""
+        while True:
+            with trio.CancelScope() as scope:
+                while True:
+                    st.scope = scope
+                    try:
+                        await self._serve_stream(st, request)
+                    finally:
+                        st.scope = None
+                    if len(self._idle_workers) >= MAX_IDLE_WORKERS:
+                        return
+                    st, request = await self._next_stream()
+            # A reset cancelled the stream being served.
+            if len(self._idle_workers) >= MAX_IDLE_WORKERS:
+                return
+            st, request = await self._next_stream()
+
+    async def _next_stream(self) -> tuple[_StreamState, Request]:
+        task = trio.lowlevel.current_task()
+        self._idle_workers.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._idle_workers.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
 
     def _request(self, st: _StreamState, fields: Headers) -> Request | None:
         pseudo: dict[str, str] = {}
@@ -463,17 +500,16 @@ class _H2Server(_H2Peer):
             st.response_complete = True
 
         try:
-            with trio.CancelScope() as st.scope:
-                try:
-                    await self._handler(request, respond)
-                    if not started:
-                        await respond(local_reply(500, "no response was produced\n"))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-                except Exception:
-                    _log.exception("http2 handler failed", method=request.method, target=request.target)
-                    if not started:
-                        await respond(local_reply(500, "internal error, see the waypoint log\n"))
+            try:
+                await self._handler(request, respond)
+                if not started:
+                    await respond(local_reply(500, "no response was produced\n"))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except Exception:
+                _log.exception("http2 handler failed", method=request.method, target=request.target)
+                if not started:
+                    await respond(local_reply(500, "internal error, see the waypoint log\n"))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

@@ -240,6 +240,65 @@ async def test_client_reset_cancels_only_that_streams_handler():
         nursery.cancel_scope.cancel()
 
 
+async def test_a_reset_cancels_its_own_handler_only_while_workers_serve_stream_after_stream():
+    # The server reuses one task per concurrent stream; a reset must still cancel exactly the
+    # handler of the stream reset, and the worker it interrupted must go on serving.
+    started: list[str] = []
+    cancelled: list[str] = []
+
+    async def tracking(request: Request, respond) -> None:
+        started.append(request.path)
+        try:
+            if request.path.startswith("/slow"):
+                await trio.sleep_forever()
+            await handler(request, respond)
+        except trio.Cancelled:
+            cancelled.append(request.path)
+            raise
+
+    async def fast_requests(connection, count: int) -> None:
+        for _ in range(count):
+            response = await connection.send(Request("GET", "svc", "/fast", (), BufferedBody(), "HTTP/2"))
+            assert response.status == 200
+            await response.body.aclose()
+
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_http2, server_stream, tracking, LIMITS)
+        connection = Http2ClientConnection(client_stream)
+        await nursery.start(connection.run)
+        slow = {}
+        for name in ("/slow-1", "/slow-2"):
+            slow[name] = trio.CancelScope()
+            nursery.start_soon(_send_within, slow[name], connection, name)
+        await trio.testing.wait_all_tasks_blocked()
+        await fast_requests(connection, 5)
+        slow["/slow-1"].cancel()  # the client gives up: RST_STREAM
+        await trio.testing.wait_all_tasks_blocked()
+        assert cancelled == ["/slow-1"]
+        # the next stream goes to the worker just interrupted: its reset must reach it too
+        slow["/slow-3"] = trio.CancelScope()
+        nursery.start_soon(_send_within, slow["/slow-3"], connection, "/slow-3")
+        await trio.testing.wait_all_tasks_blocked()
+        slow["/slow-3"].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert cancelled == ["/slow-1", "/slow-3"]
+        await fast_requests(connection, 5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert cancelled == ["/slow-1", "/slow-3"]  # /slow-2 still waits; nothing else was hit
+        slow["/slow-2"].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert cancelled == ["/slow-1", "/slow-3", "/slow-2"]
+        await fast_requests(connection, 2)
+        nursery.cancel_scope.cancel()
+    assert started.count("/fast") == 12
+
+
+async def _send_within(scope: trio.CancelScope, connection: Http2ClientConnection, path: str) -> None:
+    with scope:
+        await connection.send(Request("GET", "svc", path, (), BufferedBody(), "HTTP/2"))
+
+
 async def _until_goaway(raw: RawClient) -> float:
     """When (trio time) the server ended the connection: GOAWAY, or the stream closing."""
     while True:
