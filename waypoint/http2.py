@@ -462,11 +462,15 @@ class _H2Server(_H2Peer):
     def _refuse(self, st: _StreamState, status: int, reason: str) -> None:
         _log.info("http2 request refused", stream=st.stream_id, status=status, reason=reason)
         body = f"{reason}\n".encode()
-        headers = ((":status", str(status)), ("content-type", "text/plain"), ("content-length", str(len(body))))
-        self._h2.send_headers(st.stream_id, headers)
-        self._h2.send_data(st.stream_id, body, end_stream=True)
+        if self._h2.local_flow_control_window(st.stream_id) >= len(body):
+            headers = ((":status", str(status)), ("content-type", "text/plain"), ("content-length", str(len(body))))
+            self._h2.send_headers(st.stream_id, headers)
+            self._h2.send_data(st.stream_id, body, end_stream=True)
+        else:  # the client's window has no room for the reason (it may never open): the status alone
+            self._h2.send_headers(st.stream_id, ((":status", str(status)),), end_stream=True)
         st.response_complete = True
         self._release(st, h2.errors.ErrorCodes.NO_ERROR)
+        self._wake()  # nothing else may: a request that ended with its head queues no other frame
 
     async def _serve_stream(self, st: _StreamState, request: Request) -> None:
         if st.reset_code is not None:  # reset before its handler ran
