@@ -163,9 +163,11 @@ class _H2Peer:
             st = self._streams.get(event.stream_id)
             if st is not None:
                 st.reset_code = event.error_code
+                # Cancel first: a handler waiting to read or for window then sees Cancelled,
+                # not a BodyError or BrokenResourceError that setting the events would raise.
+                self._on_reset(st)
                 st.readable.set()
                 st.writable.set()
-                self._on_reset(st)
         else:
             return False
         return True
@@ -226,6 +228,12 @@ class _H2Peer:
         if body.trailers:
             self._h2.send_headers(st.stream_id, _encode(without_hop_by_hop(body.trailers)), end_stream=True)
         else:
+            # Even an empty DATA frame must wait while the peer's lowered
+            # SETTINGS_INITIAL_WINDOW_SIZE holds the stream window below zero.
+            while self._h2.local_flow_control_window(st.stream_id) < 0:
+                st.writable = trio.Event()
+                await st.writable.wait()
+                self._check_sendable(st)
             self._h2.end_stream(st.stream_id)
         self._wake()
 
@@ -313,6 +321,7 @@ class _H2Server(_H2Peer):
         self._handlers: trio.Nursery | None = None
         self._idle_workers: list[trio.lowlevel.Task] = []  # waiting in `_next_stream`
         self._idle_timer = trio.CancelScope()
+        self._client_going_away = False
 
     async def run(self, initial: bytes) -> None:
         self._h2.initiate_connection()
@@ -331,8 +340,10 @@ class _H2Server(_H2Peer):
                         _log.info("http2 client broke the protocol", error=str(exc), code=_code_name(getattr(exc, "error_code", 1)))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
-                    self._mark_dead()
+                    # Cancel first: a handler waiting to read or for window then sees Cancelled,
+                    # not the BodyError or BrokenResourceError a dead connection raises.
                     handlers.cancel_scope.cancel()
+                    self._mark_dead()
                 await self._finish_writer(writer_done)
                 io.cancel_scope.cancel()
         finally:
@@ -343,8 +354,8 @@ class _H2Server(_H2Peer):
         try:
             await self._writer()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            io_scope.cancel()  # before `_mark_dead`, as in `run`
             self._mark_dead()
-            io_scope.cancel()
         finally:
             done.set()
 
@@ -362,7 +373,7 @@ class _H2Server(_H2Peer):
                 if not self._handle(events):
                     return
         if self._idle_timer.cancelled_caught:
-            self._h2.close_connection()  # idled out: GOAWAY
+            self._h2.close_connection()  # idled out, or the client went away: GOAWAY
 
     async def _watch_idle(self) -> None:
         """Ends the reader once the connection had no stream for `idle_timeout` (a watchdog,
@@ -382,12 +393,21 @@ class _H2Server(_H2Peer):
             if isinstance(event, h2.events.RequestReceived):
                 self._on_request(event)
             elif isinstance(event, h2.events.ConnectionTerminated):
-                return False
+                # A graceful GOAWAY only says no new streams will come: the open ones are
+                # still answered (then `_release` ends the connection).
+                if event.error_code != h2.errors.ErrorCodes.NO_ERROR or not self._streams:
+                    return False
+                self._client_going_away = True
             else:
                 self._dispatch_common(event)
             if self._dead:
                 return False
         return True
+
+    def _release(self, st: _StreamState, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        super()._release(st, code)
+        if self._client_going_away and not self._streams:
+            self._idle_timer.cancel()  # ends the reader, which says GOAWAY too
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         st = self._streams[event.stream_id] = _StreamState(event.stream_id)
@@ -462,7 +482,13 @@ class _H2Server(_H2Peer):
     def _refuse(self, st: _StreamState, status: int, reason: str) -> None:
         _log.info("http2 request refused", stream=st.stream_id, status=status, reason=reason)
         body = f"{reason}\n".encode()
-        if self._h2.local_flow_control_window(st.stream_id) >= len(body):
+        try:
+            window = self._h2.local_flow_control_window(st.stream_id)
+        except h2.exceptions.StreamClosedError:  # the same read reset it: nothing to answer
+            st.reset_code = h2.errors.ErrorCodes.CANCEL
+            self._release(st)
+            return
+        if window >= len(body):
             headers = ((":status", str(status)), ("content-type", "text/plain"), ("content-length", str(len(body))))
             self._h2.send_headers(st.stream_id, headers)
             self._h2.send_data(st.stream_id, body, end_stream=True)

@@ -191,9 +191,7 @@ class H2ServerConnection:
         size = len(data)
         if size > self._peer_max_frame_size:
             raise h2.exceptions.FrameTooLargeError(f"{size} bytes exceed the peer's frame size {self._peer_max_frame_size}")
-        # An empty frame (END_STREAM alone) is not flow-controlled: it may go out while the
-        # client's lowered SETTINGS_INITIAL_WINDOW_SIZE holds the stream window below zero.
-        if size and (size > self._send_window or size > stream.send_window):
+        if size > self._send_window or size > stream.send_window:
             raise h2.exceptions.FlowControlError(f"cannot send {size} bytes on stream {stream_id}: the window is {min(self._send_window, stream.send_window)}")
         self._send_window -= size
         stream.send_window -= size
