@@ -18,10 +18,14 @@ upstream, refused by policy or failed.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from itertools import accumulate
 
 import prometheus_client
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from meshcore import log
 from meshcore.metrics import ENVOY_DEFAULT_BUCKETS_MS, REQUEST_LABELS, UNKNOWN, register_build_info
@@ -79,46 +83,86 @@ class RequestRecord:
 
 
 class WaypointMetrics:
-    """The waypoint's metric families, registered in `registry`."""
+    """The waypoint's metric families, registered in `registry`.
+
+    Counted in plain lists and turned into Prometheus families only when scraped:
+    prometheus_client's histograms take a lock and walk the buckets on every observation, and
+    three of them per request cost more than the request's routing."""
 
     def __init__(self, registry: prometheus_client.CollectorRegistry) -> None:
-        def histogram(name: str, documentation: str) -> prometheus_client.Histogram:
-            return prometheus_client.Histogram(
-                name, documentation, REQUEST_LABELS, buckets=ENVOY_DEFAULT_BUCKETS_MS, registry=registry
-            )
-
-        # prometheus_client appends the "_total" suffix Istio's name carries.
-        self.requests = prometheus_client.Counter(
-            "istio_requests", "The total number of requests handled by the waypoint", REQUEST_LABELS, registry=registry
-        )
-        self.duration = histogram("istio_request_duration_milliseconds", "Request duration in milliseconds")
-        self.request_bytes = histogram("istio_request_bytes", "HTTP request body sizes")
-        self.response_bytes = histogram("istio_response_bytes", "HTTP response body sizes")
+        self._series: dict[tuple[object, ...], _RequestSeries] = {}
+        registry.register(self)
         register_build_info(registry, "proxy")  # what an Envoy waypoint reports
-        self._children: dict[tuple[object, ...], tuple[Any, Any, Any, Any]] = {}
 
     def record(self, record: RequestRecord) -> None:
-        # Building 30 labels and looking up each family's child cost more than the request's
-        # routing; the children of one label set are found again by the fields they come from.
+        # The series of one label set is found again by the fields its labels come from.
         key = (
             record.service_host, record.service_name, record.service_namespace, record.protocol,
             record.response_flags, record.response_code, record.grpc_status, record.source, record.destination,
         )
-        children = self._children.get(key)
-        if children is None:
-            labels = request_labels(record)
-            children = self._children[key] = (
-                self.requests.labels(**labels),
-                self.duration.labels(**labels),
-                self.request_bytes.labels(**labels),
-                self.response_bytes.labels(**labels),
-            )
-        requests, duration, request_bytes, response_bytes = children
-        requests.inc()
-        duration.observe(record.duration_ms)
-        request_bytes.observe(record.request_bytes)
-        response_bytes.observe(record.response_bytes)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _RequestSeries(tuple(request_labels(record).values()))
+        series.requests += 1
+        series.duration.observe(record.duration_ms)
+        series.request_bytes.observe(record.request_bytes)
+        series.response_bytes.observe(record.response_bytes)
         _log_access(record)
+
+    # prometheus_client collector protocol
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        requests, duration, request_bytes, response_bytes = self._families()
+        for series in self._series.values():
+            requests.add_metric(series.label_values, series.requests)
+            series.duration.add_to(duration, series.label_values)
+            series.request_bytes.add_to(request_bytes, series.label_values)
+            series.response_bytes.add_to(response_bytes, series.label_values)
+        yield from (requests, duration, request_bytes, response_bytes)
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, HistogramMetricFamily, HistogramMetricFamily, HistogramMetricFamily]:
+        # The exposition appends the "_total" suffix Istio's counter name carries.
+        return (
+            CounterMetricFamily("istio_requests", "The total number of requests handled by the waypoint", labels=REQUEST_LABELS),
+            HistogramMetricFamily("istio_request_duration_milliseconds", "Request duration in milliseconds", labels=REQUEST_LABELS),
+            HistogramMetricFamily("istio_request_bytes", "HTTP request body sizes", labels=REQUEST_LABELS),
+            HistogramMetricFamily("istio_response_bytes", "HTTP response body sizes", labels=REQUEST_LABELS),
+        )
+
+
+class _Histogram:
+    """Counts per bucket of Envoy's default bounds (the last one +Inf) and the sum."""
+
+    __slots__ = ("counts", "total")
+    _LE = (*(floatToGoString(bound) for bound in ENVOY_DEFAULT_BUCKETS_MS), "+Inf")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(ENVOY_DEFAULT_BUCKETS_MS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(ENVOY_DEFAULT_BUCKETS_MS, value)] += 1  # le: value <= bound
+        self.total += value
+
+    def add_to(self, family: HistogramMetricFamily, label_values: tuple[str, ...]) -> None:
+        family.add_metric(label_values, list(zip(self._LE, accumulate(self.counts))), self.total)
+
+
+class _RequestSeries:
+    """The four series of one label set."""
+
+    __slots__ = ("label_values", "requests", "duration", "request_bytes", "response_bytes")
+
+    def __init__(self, label_values: tuple[str, ...]) -> None:
+        self.label_values = label_values
+        self.requests = 0
+        self.duration = _Histogram()
+        self.request_bytes = _Histogram()
+        self.response_bytes = _Histogram()
 
 
 def format_flags(flags: list[str]) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from ambientctl import grafana
 from meshcore.metrics import new_registry
-from waypoint.metrics import WaypointMetrics
+from waypoint.metrics import PeerLabels, RequestRecord, WaypointMetrics
 from ztunnel.metrics import ZtunnelMetrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
@@ -25,16 +25,28 @@ def _exported() -> tuple[set[str], set[str]]:
     names, labels = set(), set()
     for metrics_class in (WaypointMetrics, ZtunnelMetrics):
         registry = new_registry()
-        metrics_class(registry)
+        metrics = metrics_class(registry)
+        if isinstance(metrics, WaypointMetrics):  # its series exist once a request was counted
+            metrics.record(_A_REQUEST)
         for family in registry.collect():
             names.add(family.name)
             if family.type == "counter":
                 names.add(f"{family.name}_total")
             if family.type == "histogram":
                 names |= {f"{family.name}_bucket", f"{family.name}_count", f"{family.name}_sum"}
-        # Label names are declared on each metric before any sample exists.
+            labels |= {label for sample in family.samples for label in sample.labels}
+        # prometheus_client metrics declare their label names before any sample exists.
         labels |= {label for collector in registry._collector_to_names for label in getattr(collector, "_labelnames", ())}
     return names, labels
+
+
+_A_REQUEST = RequestRecord(
+    source=PeerLabels(), source_address="10.0.0.1:40000", destination=PeerLabels(), destination_address="10.0.0.2:8080",
+    service_host="reviews.default.svc.cluster.local", service_name="reviews", service_namespace="default",
+    method="GET", authority="reviews:9080", path="/", protocol="http", http_version="HTTP/1.1",
+    response_code=200, response_flags="-", response_code_details="via_upstream", grpc_status="",
+    duration_ms=1.0, request_bytes=0, response_bytes=10, upstream_cluster=None, attempts=1, trace_id="0" * 32,
+)
 
 
 def _all_queries() -> list[tuple[str, str, str]]:
