@@ -1,4 +1,5 @@
-"""L7 benchmark: our Python waypoint vs a real Envoy waypoint, HTTP/1.1 (wrk) and HTTP/2 (h2load) on loopback.
+"""L7 benchmark: our Python waypoint vs a real Envoy waypoint, HTTP/1.1 (wrk) and HTTP/2
+(h2load) on loopback.
 
     sudo .venv/bin/python perf/l7_bench.py [--json] [--duration 5] [--quick]
 
