@@ -108,6 +108,8 @@ class H2ServerConnection:
         self._stream_window = stream_window
         self._connection_window = connection_window
         self._out = bytearray()
+        self._last_frame_start = 0
+        self._last_frame_data_of = 0  # the stream whose open DATA frame ends `_out`, if any
         self._in = bytearray()
         self._preface_seen = False
         self._settings_seen = False  # the client's first frame must be SETTINGS
@@ -150,6 +152,7 @@ class H2ServerConnection:
     def data_to_send(self) -> bytes:
         data = bytes(self._out)
         self._out.clear()
+        self._last_frame_data_of = 0
         self._pending_control = 0
         return data
 
@@ -200,7 +203,14 @@ class H2ServerConnection:
             self._end_local(stream)
 
     def end_stream(self, stream_id: int) -> None:
-        self.send_data(stream_id, b"", end_stream=True)
+        if self._last_frame_data_of == stream_id:
+            # The stream's DATA is still ours to amend: it carries the END_STREAM instead of
+            # an empty frame after it (one frame less for both ends, per response).
+            self._out[self._last_frame_start + 4] |= END_STREAM
+            self._end_local(self._sendable(stream_id))
+            self._last_frame_data_of = 0
+        else:
+            self.send_data(stream_id, b"", end_stream=True)
 
     def reset_stream(self, stream_id: int, error_code: int = _Codes.NO_ERROR) -> None:
         if self._streams.pop(stream_id, None) is None:
@@ -250,6 +260,8 @@ class H2ServerConnection:
 
     def _frame(self, frame_type: int, flags: int, stream_id: int, payload: bytes) -> None:
         size = len(payload)
+        self._last_frame_start = len(self._out)
+        self._last_frame_data_of = stream_id if frame_type == DATA and not flags & END_STREAM else 0
         self._out += _FRAME_HEAD.pack(size >> 16, size & 0xFFFF, frame_type, flags, stream_id)
         self._out += payload
 

@@ -271,6 +271,23 @@ def test_get_with_end_stream_is_one_request_event_and_the_response_reaches_the_c
         pair.server.local_flow_control_window(1)
 
 
+def test_ending_a_stream_right_after_its_data_sets_end_stream_on_that_frame():
+    client = RawClient()
+    first = client.open(GET, end_stream=True)
+    second = client.open(GET, end_stream=True)
+    client.server.send_headers(first, [(":status", "200")])
+    client.server.send_data(first, b"body")
+    client.server.end_stream(first)
+    assert [(f.type, f.flags, f.payload) for f in client.output()] == [(HEADERS, END_HEADERS, b"\x20\x88"), (DATA, END_STREAM, b"body")]
+    # another frame in between, or the DATA already handed out: an empty END_STREAM frame
+    client.server.send_headers(second, [(":status", "200")])
+    client.server.send_data(second, b"a")
+    client.server.data_to_send()
+    client.server.end_stream(second)
+    assert [(f.type, f.flags, f.payload) for f in client.output()] == [(DATA, END_STREAM, b"")]
+    client.still_serves()
+
+
 def test_post_body_in_several_data_frames_arrives_in_order_and_acknowledged_bytes_reopen_the_client_window():
     pair = Pair()
     pair.handshake()
