@@ -51,6 +51,7 @@ _RESETS_REMEMBERED = 256
 
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+_SELF_DEPENDENT = 0x100  # ours, past the flag byte: a HEADERS frame's priority names its stream
 
 SETTINGS_HEADER_TABLE_SIZE = 0x1
 SETTINGS_ENABLE_PUSH = 0x2
@@ -337,7 +338,11 @@ class H2ServerConnection:
             if not stream_id:
                 raise _ConnectionError(_Codes.PROTOCOL_ERROR, "PRIORITY on stream 0")
             if len(payload) != 5:
+                if stream_id > self._highest_stream_id:  # no RST_STREAM may name an idle stream
+                    raise _ConnectionError(_Codes.FRAME_SIZE_ERROR, "PRIORITY frames carry 5 bytes")
                 self._stream_error(stream_id, _Codes.FRAME_SIZE_ERROR, events)
+            elif _U32.unpack_from(payload)[0] & 0x7FFFFFFF == stream_id:
+                self._stream_error(stream_id, _Codes.PROTOCOL_ERROR, events)  # depends on itself
         elif frame_type == GOAWAY:
             if stream_id:
                 raise _ConnectionError(_Codes.PROTOCOL_ERROR, "GOAWAY on a stream")
@@ -402,9 +407,11 @@ class H2ServerConnection:
         if flags & PRIORITY_FLAG:
             if len(payload) < 5:
                 raise _ConnectionError(_Codes.FRAME_SIZE_ERROR, "HEADERS too short for its priority fields")
+            if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == stream_id:
+                flags |= _SELF_DEPENDENT
             payload = payload[5:]
         if flags & END_HEADERS:
-            self._header_block(stream_id, flags & END_STREAM, payload, events)
+            self._header_block(stream_id, flags, payload, events)
         else:
             self._continuing = (stream_id, flags, bytearray(payload), 1)
 
@@ -417,13 +424,16 @@ class H2ServerConnection:
             raise _ConnectionError(_Codes.ENHANCE_YOUR_CALM, "header block too large or in too many CONTINUATION frames")
         if flags & END_HEADERS:
             self._continuing = None
-            self._header_block(stream_id, first_flags & END_STREAM, bytes(block), events)
+            self._header_block(stream_id, first_flags, bytes(block), events)
         else:
             self._continuing = (stream_id, first_flags, block, fragments)
 
-    def _header_block(self, stream_id: int, end_stream: int, block: bytes, events: list) -> None:
+    def _header_block(self, stream_id: int, flags: int, block: bytes, events: list) -> None:
         """A complete header block: a new request, or trailers of an open one."""
-        headers, malformed = self._decode(block)
+        end_stream = flags & END_STREAM
+        headers, malformed = self._decode(block)  # even for a refused stream: HPACK stays in step
+        if flags & _SELF_DEPENDENT:
+            malformed = "a stream cannot depend on itself"  # RFC 9113 §5.3.1
         stream = self._streams.get(stream_id)
         if stream is None:
             if stream_id <= self._highest_stream_id:

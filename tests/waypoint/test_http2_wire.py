@@ -1218,6 +1218,27 @@ def test_priority_of_the_wrong_length_is_a_stream_error():
     expect_stream_error(client, frame(PRIORITY, 0, stream_id, b"\0\0\0\0"), stream_id, Codes.FRAME_SIZE_ERROR, was_open=True)
 
 
+def test_priority_of_the_wrong_length_on_an_idle_stream_is_a_connection_error():
+    # a stream error would need a RST_STREAM naming an idle stream, which the RFC forbids
+    client = RawClient()
+    expect_connection_error(client, frame(PRIORITY, 0, 9, b"\0\0\0\0"), Codes.FRAME_SIZE_ERROR)
+
+
+def test_a_stream_depending_on_itself_is_a_stream_error():
+    client = RawClient()
+    stream_id = client.open(POST)
+    expect_stream_error(client, frame(PRIORITY, 0, stream_id, struct.pack(">LB", stream_id, 16)), stream_id, Codes.PROTOCOL_ERROR, was_open=True)
+
+
+def test_a_request_whose_priority_names_itself_is_refused_and_its_head_still_decoded():
+    client = RawClient()
+    block = client.block(GET + [("x-only-in-this-block", "1")])  # inserts into the client's table
+    assert client.send(frame(HEADERS, END_HEADERS | END_STREAM | PRIORITY_FLAG, 1, struct.pack(">LB", 1, 16) + block)) == []
+    assert [(f.type, f.stream_id, f.code) for f in client.output()] == [(RST_STREAM, 1, Codes.PROTOCOL_ERROR)]
+    (event,) = client.send(client.headers(3, GET + [("x-only-in-this-block", "1")]))
+    assert event.headers == (*GET, ("x-only-in-this-block", "1"))
+
+
 def test_priority_on_stream_0_is_a_protocol_error():
     client = RawClient()
     expect_connection_error(client, frame(PRIORITY, 0, 0, b"\0\0\0\1\x10"), Codes.PROTOCOL_ERROR)
