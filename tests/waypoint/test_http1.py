@@ -288,6 +288,16 @@ async def read_to_close(stream) -> bytes:
     return received
 
 
+async def two_pipelined_requests(handler) -> bytes:
+    """Everything the server writes for two pipelined GETs, until it closes."""
+    client, server = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_then_close, server, handler)
+            await client.send_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\nGET /next HTTP/1.1\r\nHost: svc\r\n\r\n")
+            return await read_to_close(client)
+
+
 @pytest.mark.parametrize("pipelined", [False, True], ids=["in-turn", "pipelined"])
 async def test_h11_takes_over_at_a_chunked_request_and_serves_the_rest(pipelined):
     requests = [
@@ -369,12 +379,7 @@ async def test_header_injection_by_the_handler_never_reaches_the_wire(response):
     async def handler(request, respond):
         await respond(response)
 
-    client, server = trio.testing.memory_stream_pair()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_then_close, server, handler)
-            await client.send_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\nGET /next HTTP/1.1\r\nHost: svc\r\n\r\n")
-            received = await read_to_close(client)
+    received = await two_pipelined_requests(handler)
     assert b"x-injected" not in received
     assert received.count(b"HTTP/1.1 ") <= 1  # the pipelined request is not answered on a broken connection
 
@@ -388,13 +393,8 @@ async def test_response_body_not_matching_its_content_length_closes_the_connecti
     async def handler(request, respond):
         await respond(Response(200, (("content-length", declared),), PiecesBody(*pieces)))
 
-    client, server = trio.testing.memory_stream_pair()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_then_close, server, handler)
-            # The second request's answer must not be read as the rest of the first body.
-            await client.send_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\nGET /next HTTP/1.1\r\nHost: svc\r\n\r\n")
-            received = await read_to_close(client)
+    # The second request's answer must not be read as the rest of the first body.
+    received = await two_pipelined_requests(handler)
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
     assert len(body) <= int(declared)  # nothing past the declared length
